@@ -11,6 +11,7 @@ more than three ``-``/``_`` loses all of them, and ``&quot;`` is removed before 
 from __future__ import annotations
 
 import html
+import io
 import re
 import urllib.parse as ul
 
@@ -101,7 +102,8 @@ def clean_caption(text: str) -> str:
     caption = re.sub("<person>", "person", caption)
     for url in _URLS:
         caption = url.sub("", caption)
-    caption = BeautifulSoup(caption, features="html.parser").text
+    # A file object parses exactly like the string but skips bs4's "looks like a filename/URL" warnings.
+    caption = BeautifulSoup(io.StringIO(caption), features="html.parser").text
     caption = re.sub(r"@[\w\d]+\b", "", caption)  # @nickname
     for cjk in _CJK:
         caption = cjk.sub("", caption)

@@ -1,0 +1,34 @@
+# Two commands: `make run` (set up + run the service on embedded defaults) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+BORA_DATA_DIR ?= ./data
+BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
+export BORA_DATA_DIR BORA_MODEL_DIR
+
+.PHONY: install run test tiny lint bench
+
+$(BIN)/bora: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/bora
+
+tiny: install
+	@test -f $(BORA_MODEL_DIR)/model_index.json || $(BIN)/bora make-tiny $(BORA_MODEL_DIR)
+
+run: tiny
+	$(BIN)/bora serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check model service worker tests bench
+
+bench: tiny
+	$(BIN)/python bench/stdit_speed.py
+	$(BIN)/python bench/service_submit.py

@@ -1,0 +1,280 @@
+"""`BoraPipeline`: prompt → uint8 video frames with Bora's STDiT, T5, SD VAE and a diffusion sampler.
+
+diffusers-style: `from_pretrained(dir)` / `save_pretrained(dir)` over a folder of parts
+(`transformer/ text_encoder/ tokenizer/ vae/ scheduler/ model_index.json`), `check_inputs` first, then one
+method per step (`encode_prompt`, `prepare_latents`, the sampler, `decode_latents`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.errors import InvalidInput
+from model.presets import GenerationDefaults
+from model.schedulers import SAMPLERS, make_sampler
+from model.stdit import STDiT
+from model.text_encoder import T5TextEncoder
+from model.vae import VideoVAE
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+MAX_FRAMES = 128
+MAX_SIDE = 1024
+MAX_SEED = 2**63 - 1
+
+StepCallback = Callable[["BoraPipeline", int, int, int], None]  # (pipe, step_index, timestep, total_steps)
+
+
+@dataclass
+class BoraPipelineOutput:
+    frames: np.ndarray  # uint8 [B, T, H, W, 3]
+    seeds: list[int | None]  # the seed of each prompt's generator (None when a generator was passed in)
+    token_counts: list[int]  # T5 tokens of each cleaned prompt, </s> included, before truncation
+    truncated: list[bool]  # the prompt was cut at the text encoder's `model_max_length`
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (upstream's inference precision); fp32 on CPU, where it is also the fast path."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BoraPipeline:
+    def __init__(
+        self,
+        transformer: STDiT,
+        text_encoder: T5TextEncoder,
+        vae: VideoVAE,
+        defaults: GenerationDefaults,
+        name: str = "bora",
+        weights_sha256: str | None = None,
+    ):
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.defaults = defaults
+        self.name = name
+        self.weights_sha256 = weights_sha256
+        # The null caption for guidance is the model's learned `y_embedding` (upstream `null(n)`).
+        self.text_encoder.set_null(transformer.y_embedder.y_embedding)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.y_embedder.y_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.y_embedder.y_embedding.dtype
+
+    @property
+    def limits(self) -> dict:
+        """Shapes and step counts this pipeline accepts: frames and sides must divide into latent patches."""
+        patch_t, patch_h, _ = self.transformer.config.patch_size
+        return {
+            "frame_multiple": patch_t,
+            "side_multiple": self.vae.spatial_factor * patch_h,
+            "max_frames": MAX_FRAMES,
+            "max_side": MAX_SIDE,
+            "max_steps": 1000,
+            "samplers": sorted(SAMPLERS),
+            "max_tokens": self.text_encoder.model_max_length,
+        }
+
+    # -- persistence ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        text_encoder_device: str | torch.device | None = None,
+        text_encoder_dtype: torch.dtype = torch.float32,
+    ) -> BoraPipeline:
+        """Load a pipeline folder. T5 may stay on the CPU (`text_encoder_device="cpu"`): T5-XXL is ~19 GB in
+        fp32 and overflows in fp16, so only its embeddings are moved to the transformer's device."""
+        path = Path(path)
+        index_file = path / MODEL_INDEX
+        if not index_file.is_file():
+            raise InvalidInput(f"{path} is not a Bora pipeline folder: {MODEL_INDEX} is missing")
+        index = json.loads(index_file.read_text())
+        device = torch.device(device) if device is not None else default_device()
+        dtype = torch_dtype or default_dtype(device)
+        text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else device
+
+        weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
+        transformer = STDiT.from_pretrained(path / "transformer", torch_dtype=dtype).to(device).eval()
+        text_encoder = T5TextEncoder.from_pretrained(
+            path / "text_encoder", path / "tokenizer", device=text_encoder_device, dtype=text_encoder_dtype,
+            output_device=device, output_dtype=dtype,
+        )
+        vae = VideoVAE.from_pretrained(path / "vae", device=device, dtype=dtype)
+        scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
+        defaults = GenerationDefaults(**scheduler["defaults"])
+        return cls(transformer, text_encoder, vae, defaults, name=index.get("name", "bora"),
+                   weights_sha256=file_sha256(weights))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.transformer.save_pretrained(path / "transformer")
+        self.text_encoder.save_pretrained(path / "text_encoder", path / "tokenizer")
+        self.vae.save_pretrained(path / "vae")
+        (path / "scheduler").mkdir(parents=True, exist_ok=True)
+        (path / SCHEDULER_CONFIG).write_text(json.dumps({"defaults": self.defaults.to_dict()}, indent=2))
+        (path / MODEL_INDEX).write_text(json.dumps({
+            "_class_name": type(self).__name__,
+            "name": self.name,
+            "transformer": ["model.stdit", "STDiT"],
+            "text_encoder": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "T5TokenizerFast"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }, indent=2))
+
+    # -- steps ------------------------------------------------------------------------------------------
+
+    def check_inputs(self, num_frames: int, height: int, width: int, num_inference_steps: int,
+                     guidance_scale: float, sampler: str) -> None:
+        limits = self.limits
+        if sampler not in SAMPLERS:
+            raise InvalidInput(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+        if not 1 <= num_frames <= limits["max_frames"] or num_frames % limits["frame_multiple"]:
+            raise InvalidInput(f"num_frames={num_frames} must be in 1..{limits['max_frames']} and a multiple of "
+                               f"{limits['frame_multiple']}")
+        for label, side in (("height", height), ("width", width)):
+            multiple = limits["side_multiple"]
+            if not multiple <= side <= limits["max_side"] or side % multiple:
+                raise InvalidInput(f"{label}={side} must be a multiple of {multiple} (VAE factor × patch size) "
+                                   f"in {multiple}..{limits['max_side']}")
+        if not 1 <= num_inference_steps <= limits["max_steps"]:
+            raise InvalidInput(f"num_inference_steps={num_inference_steps} must be in 1..{limits['max_steps']}")
+        if not 0.0 <= guidance_scale <= 50.0:
+            raise InvalidInput(f"guidance_scale={guidance_scale} must be in 0..50")
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """T5 embeddings `y` [n,1,L,C], their mask [n,L] and the null captions [n,1,L,C] for guidance."""
+        encoded = self.text_encoder.encode(prompts)
+        y = encoded["y"].to(self.device, self.dtype)
+        return y, encoded["mask"].to(self.device), self.text_encoder.null(len(prompts)).to(self.device, self.dtype)
+
+    def prepare_latents(self, num_frames: int, height: int, width: int,
+                        generators: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """Initial noise in fp32, drawn on the generators' device (CPU) so a seed gives the same video on any
+        device. One generator: upstream's single stream; a list: one stream per prompt."""
+        factor = self.vae.spatial_factor
+        shape = (self.transformer.config.in_channels, num_frames, height // factor, width // factor)
+        if isinstance(generators, torch.Generator):
+            raise InvalidInput("prepare_latents needs the batch size with a single generator; pass a list")
+        noise = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
+        return torch.stack(noise).to(self.device)  # [n, C, T, h, w]
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        return self.vae.decode(latents.to(self.dtype)).cpu().numpy()  # uint8 [B, T, H, W, 3]
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        stage_callback: Callable[[str], None] | None = None,
+    ) -> BoraPipelineOutput:
+        """Generate one video per prompt.
+
+        Randomness: `seed` (an int, used as seed+i for prompt i, or one seed per prompt) or `generator` (a list
+        of one per prompt, or a single generator for upstream's batch-order stream, used for parity tests).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise InvalidInput("every prompt must be a non-empty string")
+        d = self.defaults
+        num_frames = num_frames or d.num_frames
+        height, width = height or d.height, width or d.width
+        num_inference_steps = num_inference_steps or d.num_inference_steps
+        guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        sampler = sampler or d.sampler
+        self.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, sampler)
+        generators, seeds = self._generators(len(prompts), generator, seed)
+        stage = stage_callback or (lambda _stage: None)
+
+        stage("encoding_text")
+        token_info = self.text_encoder.token_counts(prompts)
+        y, mask, y_null = self.encode_prompt(prompts)
+
+        stage("denoising")
+        if isinstance(generators, torch.Generator):  # upstream order: z0 for the whole batch, then the loop
+            shape = (len(prompts), self.transformer.config.in_channels, num_frames,
+                     height // self.vae.spatial_factor, width // self.vae.spatial_factor)
+            latents = torch.randn(shape, generator=generators, device=generators.device).to(self.device)
+        else:
+            latents = self.prepare_latents(num_frames, height, width, generators)
+        scheduler = make_sampler(sampler, num_inference_steps, guidance_scale, d.cfg_channel)
+        step_callback = None
+        if callback_on_step_end is not None:
+            def step_callback(step_index: int, total: int, timestep: int) -> None:
+                callback_on_step_end(self, step_index, timestep, total)
+        latents = scheduler.sample(
+            self._model_fn, latents, y, y_null, mask, generators,
+            callback=step_callback, should_cancel=should_cancel,
+        )
+
+        stage("decoding")
+        frames = self.decode_latents(latents)
+        return BoraPipelineOutput(
+            frames=frames, seeds=seeds,
+            token_counts=[count for count, _ in token_info], truncated=[cut for _, cut in token_info],
+        )
+
+    def _model_fn(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """The sampler keeps latents in fp32; the transformer runs in the pipeline dtype and returns fp32."""
+        return self.transformer(x.to(self.dtype), timestep, y, mask)
+
+    def _generators(self, n: int, generator, seed) -> tuple[torch.Generator | list[torch.Generator],
+                                                                list[int | None]]:
+        if generator is not None:
+            if isinstance(generator, torch.Generator):
+                return generator, [None] * n
+            if len(generator) != n:
+                raise InvalidInput(f"got {len(generator)} generators for {n} prompts")
+            return list(generator), [None] * n
+        if seed is None:
+            seeds = [int(torch.randint(0, 2**31 - 1, ()).item()) for _ in range(n)]
+        elif isinstance(seed, int):
+            seeds = [seed + i for i in range(n)]
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != n:
+                raise InvalidInput(f"got {len(seeds)} seeds for {n} prompts")
+        if any(not 0 <= s <= MAX_SEED for s in seeds):
+            raise InvalidInput(f"seeds must be in 0..{MAX_SEED}")
+        return [torch.Generator().manual_seed(s) for s in seeds], seeds
+

@@ -1,0 +1,351 @@
+"""STDiT: the spatial-temporal diffusion transformer of Open-Sora 1.0, which Bora fine-tunes.
+
+A port of upstream `opensora/models/stdit/stdit.py` (Bora commit c08bb69) for inference in plain
+PyTorch. State-dict names, shapes and order are upstream's, so `ema.pt` files load as they are.
+Each block runs spatial self-attention within a frame, temporal self-attention across frames at each
+spatial site, cross-attention to the caption and an MLP, all modulated by the timestep (adaLN-single).
+The numbered quirks cited below are those of `shared/reference/README.md` ("Upstream behaviour").
+
+Differences from upstream, none of which changes the maths of an fp32 eval forward:
+- attention is `scaled_dot_product_attention`; cross-attention masks per sample instead of packing
+  captions into one block-diagonal sequence (README item 7);
+- any latent grid divisible by the patch works: the sin/cos tables are rebuilt (and cached) for grids
+  other than `input_size` instead of failing to broadcast;
+- the model dtype is the parameters' dtype (`model.to(dtype)`), not a constructor argument; timesteps
+  go to the fp32 sinusoids without a detour through that dtype (identical for integer timesteps in fp16);
+- training-mode caption dropout draws on the caption's device instead of `.cuda()`;
+- no sequence parallelism, gradient checkpointing or optional kernels (flash-attn, apex LayerNorm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from model.errors import InvalidInput
+from model.layers import (
+    Attention,
+    CaptionEmbedder,
+    DropPath,
+    Mlp,
+    MultiHeadCrossAttention,
+    PatchEmbed3D,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    get_1d_sincos_pos_embed,
+    get_2d_sincos_pos_embed,
+    layer_norm,
+    t2i_modulate,
+)
+
+# Grids other than the configured one get their own tables; keep a few (one per requested video size).
+_POS_EMBED_CACHE_SIZE = 8
+
+
+class STDiTBlock(nn.Module):
+    """One STDiT block (README item 5). Submodules are registered in upstream's order."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = layer_norm(hidden_size)
+        self.attn = Attention(hidden_size, num_heads)
+        self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
+        self.norm2 = layer_norm(hidden_size)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.attn_temp = Attention(hidden_size, num_heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t0: torch.Tensor,
+        y_attn_mask: torch.Tensor | None,
+        num_frames: int,
+        num_spatial: int,
+        tpe: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T*S, D]; y [B, L, D]; t0 [B, 6D]; y_attn_mask bool [B, 1, 1, L] or None; tpe [1, T, D]."""
+        batch, num_tokens, dim = x.shape
+        frames, spatial = num_frames, num_spatial
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t0.reshape(batch, 6, -1)  # [B, 6, D]
+        ).chunk(6, dim=1)  # each [B, 1, D]
+
+        # spatial attention: over the S tokens of each frame
+        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # [B, T*S, D]
+        x_s = x_m.reshape(batch * frames, spatial, dim)  # [B*T, S, D]
+        x_s = self.attn(x_s)
+        x_s = x_s.reshape(batch, num_tokens, dim)  # [B, T*S, D]
+        x = x + self.drop_path(gate_msa * x_s)
+
+        # temporal attention: over the T tokens of each spatial site; raw residual input, same gate_msa
+        x_t = x.reshape(batch, frames, spatial, dim).transpose(1, 2)  # [B, S, T, D]
+        x_t = x_t.reshape(batch * spatial, frames, dim)  # [B*S, T, D]
+        if tpe is not None:
+            x_t = x_t + tpe  # block 0 only, and only into this attention's input (README item 2)
+        x_t = self.attn_temp(x_t)
+        x_t = x_t.reshape(batch, spatial, frames, dim).transpose(1, 2)  # [B, T, S, D]
+        x_t = x_t.reshape(batch, num_tokens, dim)  # [B, T*S, D]
+        x = x + self.drop_path(gate_msa * x_t)
+
+        # cross-attention to the caption: no norm, no modulation, no gate
+        x = x + self.cross_attn(x, y, y_attn_mask)
+
+        # MLP
+        x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
+        x = x + self.drop_path(gate_mlp * self.mlp(x_m))
+        return x
+
+
+class STDiT(ModelMixin, ConfigMixin):
+    """Open-Sora 1.0 STDiT. Bora's STDiT-XL/2 is the default width/depth with `input_size=(40, 32, 32)`,
+    `space_scale=0.5`.
+
+    `input_size` is the latent grid (T, H, W) the `pos_embed` buffers are built for; other grids divisible
+    by `patch_size` work too. `no_temporal_pos_emb` is kept for config compatibility and, as upstream,
+    has no effect.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        input_size: tuple[int, int, int] = (1, 32, 32),
+        in_channels: int = 4,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        pred_sigma: bool = True,
+        drop_path: float = 0.0,
+        no_temporal_pos_emb: bool = False,
+        caption_channels: int = 4096,
+        model_max_length: int = 120,
+        space_scale: float = 1.0,
+        time_scale: float = 1.0,
+    ):
+        super().__init__()
+        # JSON configs give lists back; use tuples internally.
+        input_size = tuple(int(v) for v in input_size)
+        patch_size = tuple(int(v) for v in patch_size)
+        if len(input_size) != 3 or len(patch_size) != 3:
+            raise ValueError(f"input_size {input_size} and patch_size {patch_size} must be (T, H, W)")
+        if any(i % p for i, p in zip(input_size, patch_size, strict=True)):
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size {hidden_size} must be a multiple of 4 (2D sin/cos table)")
+
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if pred_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.patch_size = patch_size
+        self.input_size = input_size
+        self.space_scale = space_scale
+        self.time_scale = time_scale
+        self._config_grid = tuple(i // p for i, p in zip(input_size, patch_size, strict=True))
+        self._pos_embed_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        # sin/cos tables (fp32, from float64 numpy); built on the CPU even under a meta device context
+        num_frames, grid_h, grid_w = self._config_grid
+        self.register_buffer("pos_embed", self._spatial_table(grid_h, grid_w))  # [1, S, D]
+        self.register_buffer("pos_embed_temporal", self._temporal_table(num_frames))  # [1, T, D]
+
+        self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.y_embedder = CaptionEmbedder(
+            in_channels=caption_channels,
+            hidden_size=hidden_size,
+            uncond_prob=class_dropout_prob,
+            token_num=model_max_length,
+        )
+        # upstream: torch.linspace(0, drop_path, depth) in fp32, then .item() (which meta tensors lack)
+        drop_rates = np.linspace(0, drop_path, depth, dtype=np.float32).tolist()
+        self.blocks = nn.ModuleList(
+            [STDiTBlock(hidden_size, num_heads, mlp_ratio, drop_path=drop_rates[i]) for i in range(depth)]
+        )
+        self.final_layer = T2IFinalLayer(hidden_size, int(np.prod(patch_size)), self.out_channels)
+        self.initialize_weights()
+
+    # ---------------------------------------------------------------------------------------------
+    # Initialisation (upstream's, for freshly built models; checkpoints overwrite it)
+    # ---------------------------------------------------------------------------------------------
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        # patch embedding like nn.Linear instead of nn.Conv3d
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.cross_attn.proj.weight, 0)
+            nn.init.constant_(block.cross_attn.proj.bias, 0)
+            nn.init.constant_(block.attn_temp.proj.weight, 0)
+            nn.init.constant_(block.attn_temp.proj.bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    # ---------------------------------------------------------------------------------------------
+    # Positional tables
+    # ---------------------------------------------------------------------------------------------
+
+    def _spatial_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        table = get_2d_sincos_pos_embed(self.hidden_size, (grid_h, grid_w), scale=self.space_scale)
+        return torch.from_numpy(table).float().unsqueeze(0)  # [1, Hp*Wp, D] fp32 on the CPU
+
+    def _temporal_table(self, num_frames: int) -> torch.Tensor:
+        table = get_1d_sincos_pos_embed(self.hidden_size, num_frames, scale=self.time_scale)
+        return torch.from_numpy(table).float().unsqueeze(0)  # [1, Nt, D] fp32 on the CPU
+
+    def pos_embeds(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
+        """(spatial [1, S, D], temporal [1, T, D]) for a patch grid (Nt, Nh, Nw).
+
+        The buffers serve the configured grid; other grids get tables built the same way (so equal to
+        the buffers on the configured grid), cached per (grid, device, dtype).
+        """
+        if grid == self._config_grid:
+            return self.pos_embed.to(device, dtype), self.pos_embed_temporal.to(device, dtype)
+        key = (grid, device, dtype)
+        if key not in self._pos_embed_cache:
+            if len(self._pos_embed_cache) >= _POS_EMBED_CACHE_SIZE:
+                self._pos_embed_cache.clear()
+            num_frames, grid_h, grid_w = grid
+            self._pos_embed_cache[key] = (
+                self._spatial_table(grid_h, grid_w).to(device, dtype),
+                self._temporal_table(num_frames).to(device, dtype),
+            )
+        return self._pos_embed_cache[key]
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward
+    # ---------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict noise (and the variance interpolation when `pred_sigma`).
+
+        Args:
+            x: latent video [B, C, T, H, W]; T, H, W divisible by `patch_size`.
+            timestep: diffusion timesteps [B] (any numeric dtype).
+            y: caption embeddings [B, 1, L, Cy].
+            mask: caption mask [B', L] with 0/1 values (or None = all tokens kept). When B' < B the mask
+                is repeated along the batch (upstream's `mask.repeat`, README item 8).
+
+        Returns:
+            [B, C_out, T, H, W] in float32, C_out = 2C when `pred_sigma`.
+        """
+        dtype = self.dtype
+        x = x.to(dtype)
+        y = y.to(dtype)
+        batch = x.shape[0]
+        grid = self._patch_grid(x.shape)
+        num_frames, grid_h, grid_w = grid
+        num_spatial = grid_h * grid_w
+        pos_embed, pos_embed_temporal = self.pos_embeds(grid, x.device, dtype)
+
+        # embeddings
+        x = self.x_embedder(x)  # [B, N, D], N = T*S
+        x = x.reshape(batch, num_frames, num_spatial, self.hidden_size)  # [B, T, S, D]
+        x = x + pos_embed
+        x = x.reshape(batch, num_frames * num_spatial, self.hidden_size)  # [B, N, D]
+
+        t = self.t_embedder(timestep, dtype=x.dtype)  # [B, D]
+        t0 = self.t_block(t)  # [B, 6D]
+        y, y_attn_mask = self._embed_caption(y, mask, batch)  # [B, L, D], bool [B, 1, 1, L] or None
+
+        for i, block in enumerate(self.blocks):
+            tpe = pos_embed_temporal if i == 0 else None
+            x = block(x, y, t0, y_attn_mask, num_frames, num_spatial, tpe)  # [B, N, D]
+
+        x = self.final_layer(x, t)  # [B, N, pt*ph*pw*C_out]
+        x = self.unpatchify(x, grid)  # [B, C_out, T, H, W]
+        return x.to(torch.float32)
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None,
+        cfg_scale: float,
+        cfg_channel: int | None = None,
+    ) -> torch.Tensor:
+        """Classifier-free guidance as upstream's IDDPM `forward_with_cfg` (README item 9).
+
+        `y` stacks [cond; null] captions (2n rows); only `x[:n]` is used, fed twice. The first
+        `cfg_channel` output channels (default C_out // 2, all eps channels) become
+        `uncond + cfg_scale * (cond - uncond)` in both halves; the other channels keep each half's output.
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)  # [2n, C, T, H, W]
+        model_out = self.forward(combined, timestep, y, mask)  # [2n, C_out, T, H, W]
+        if cfg_channel is None:
+            cfg_channel = model_out.shape[1] // 2
+        eps, rest = model_out[:, :cfg_channel], model_out[:, cfg_channel:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    # ---------------------------------------------------------------------------------------------
+    # Helpers of forward
+    # ---------------------------------------------------------------------------------------------
+
+    def _patch_grid(self, shape: torch.Size) -> tuple[int, int, int]:
+        if len(shape) != 5 or shape[1] != self.in_channels:
+            raise InvalidInput(f"expected latents [B, {self.in_channels}, T, H, W], got {list(shape)}")
+        size = tuple(shape[2:])
+        if any(s % p for s, p in zip(size, self.patch_size, strict=True)):
+            raise InvalidInput(f"latent size (T, H, W)={size} is not divisible by patch {self.patch_size}")
+        return tuple(s // p for s, p in zip(size, self.patch_size, strict=True))
+
+    def _embed_caption(
+        self, y: torch.Tensor, mask: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption MLP on all L tokens, plus the boolean key mask of the kept tokens (README item 7)."""
+        if y.ndim != 4 or y.shape[0] != batch or y.shape[1] != 1:
+            raise InvalidInput(f"expected captions [{batch}, 1, L, C], got {list(y.shape)}")
+        y = self.y_embedder(y).squeeze(1)  # [B, 1, L, D] -> [B, L, D]
+        if mask is None:
+            return y, None
+        mask = mask.reshape(mask.shape[0], -1)  # [B', L] (also accepts upstream's [B', 1, 1, L])
+        if mask.shape[1] != y.shape[1] or batch % mask.shape[0]:
+            raise InvalidInput(f"mask {list(mask.shape)} does not fit captions {[batch, y.shape[1]]}")
+        if mask.shape[0] != batch:
+            mask = mask.repeat(batch // mask.shape[0], 1)  # [B, L]; the null half reuses the prompt masks
+        keep = mask.to(y.device) != 0  # [B, L]
+        if bool(keep.all()):
+            return y, None  # identical maths; keeps an all-ones mask bitwise equal to mask=None
+        return y, keep[:, None, None, :]  # [B, 1, 1, L], broadcast over heads and queries
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, Nt*Nh*Nw, pt*ph*pw*C_out] (channel fastest) -> [B, C_out, Nt*pt, Nh*ph, Nw*pw]."""
+        num_t, num_h, num_w = grid
+        pt, ph, pw = self.patch_size
+        channels = self.out_channels
+        x = x.reshape(x.shape[0], num_t, num_h, num_w, pt, ph, pw, channels)  # [B, Nt, Nh, Nw, pt, ph, pw, C]
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, Nt, pt, Nh, ph, Nw, pw]
+        return x.reshape(x.shape[0], channels, num_t * pt, num_h * ph, num_w * pw)  # [B, C, T, H, W]
