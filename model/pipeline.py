@@ -18,6 +18,7 @@ import torch
 
 from model.errors import InvalidInput
 from model.presets import GenerationDefaults
+from model.loading import load_stdit
 from model.schedulers import SAMPLERS, make_sampler
 from model.stdit import STDiT
 from model.text_encoder import T5TextEncoder
@@ -121,7 +122,7 @@ class BoraPipeline:
         text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else device
 
         weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
-        transformer = STDiT.from_pretrained(path / "transformer", torch_dtype=dtype).to(device).eval()
+        transformer = load_stdit(path / "transformer", device=device, dtype=dtype)
         text_encoder = T5TextEncoder.from_pretrained(
             path / "text_encoder", path / "tokenizer", device=text_encoder_device, dtype=text_encoder_dtype,
             output_device=device, output_dtype=dtype,
@@ -216,9 +217,10 @@ class BoraPipeline:
         if not prompts or any(not p.strip() for p in prompts):
             raise InvalidInput("every prompt must be a non-empty string")
         d = self.defaults
-        num_frames = num_frames or d.num_frames
-        height, width = height or d.height, width or d.width
-        num_inference_steps = num_inference_steps or d.num_inference_steps
+        num_frames = d.num_frames if num_frames is None else num_frames
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
         sampler = sampler or d.sampler
         self.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, sampler)

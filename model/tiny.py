@@ -3,20 +3,21 @@
 Tests and the ``tiny`` preset need real components of the right *kind* (a T5 tokenizer and
 ``T5EncoderModel``, an ``AutoencoderKL`` with the SD spatial factor 8) without any download.
 Each builder writes a folder that the ordinary ``from_pretrained`` / ``AutoTokenizer`` calls load.
-The same seed gives the same weights; the tokenizer is trained on the corpus below, which lives
-here so that nothing outside the package is read at run time.
+The same seed gives the same weights; the tokenizer's vocabulary is counted from the corpus
+below, which lives here so that nothing outside the package is read at run time.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import re
 import string
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 # T5's fixed special ids: <pad> 0 (also the decoder start), </s> 1, <unk> 2.
@@ -50,30 +51,48 @@ TINY_CORPUS = (
     "the patient breathes slowly; the diaphragm and lungs move up and down in the scan",
 )
 
-# Every character a lowercased English caption needs gets its own piece, so few tokens are <unk>.
+# Every ASCII letter, digit and punctuation mark has its own piece, so no ASCII text needs <unk>.
 _ALPHABET = string.ascii_letters + string.digits + string.punctuation
 
 
+def _unigram_pieces(corpus: tuple[str, ...], vocab_size: int) -> list[tuple[str, float]]:
+    """A Unigram vocabulary counted from ``corpus``: (piece, log-probability), specials first.
+
+    Pieces are ``▁word`` for each word's leading alphanumeric run, character 2- and 3-grams seen at
+    least three times inside words, and every character of the alphabet. (``tokenizers``'
+    ``UnigramTrainer`` is not used: its scores and piece order change from run to run.)
+    """
+    counts: Counter[str] = Counter({char: 1 for char in _ALPHABET})  # add-one for unseen characters
+    for word in " ".join(corpus).split():
+        counts.update(word)
+        head = re.match(r"[a-z0-9]+", word)
+        if head:
+            counts["▁" + head.group()] += 1
+        for n in (2, 3):
+            counts.update(word[i : i + n] for i in range(len(word) - n + 1) if word[i : i + n].isalnum())
+    required = {"▁", *_ALPHABET}
+    counts["▁"] += len(corpus)
+    optional = [p for p, c in counts.items() if p not in required and (p.startswith("▁") or c >= 3)]
+    optional.sort(key=lambda piece: (-counts[piece], piece))
+    pieces = sorted(required) + optional[: max(vocab_size - len(SPECIAL_TOKENS) - len(required), 0)]
+    total = sum(counts[piece] for piece in pieces)
+    scored = sorted(
+        ((piece, math.log(counts[piece] / total)) for piece in pieces), key=lambda x: (-x[1], x[0])
+    )
+    return [(token, 0.0) for token in SPECIAL_TOKENS] + scored
+
+
 def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 512, model_max_length: int = 120):
-    """Train a T5-style Unigram tokenizer on :data:`TINY_CORPUS` and ``save_pretrained`` it.
+    """Build a T5-style Unigram tokenizer from :data:`TINY_CORPUS` and ``save_pretrained`` it.
 
     The result loads with ``AutoTokenizer.from_pretrained(directory)`` as a ``T5Tokenizer``; ids
-    ``<pad>``=0, ``</s>``=1, ``<unk>``=2 as in T5 and every encoding ends with ``</s>``. Training is
-    deterministic, so the same arguments give the same vocabulary.
+    ``<pad>``=0, ``</s>``=1, ``<unk>``=2 as in T5 and every encoding ends with ``</s>``. The same
+    arguments always give the same vocabulary.
     """
-    backend = Tokenizer(models.Unigram())
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        unk_token="<unk>",
-        initial_alphabet=list(_ALPHABET),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TINY_CORPUS, trainer=trainer)
-    pieces = [(piece, float(score)) for piece, score in json.loads(backend.to_str())["model"]["vocab"]]
-    # transformers' T5Tokenizer wraps a Unigram (piece, score) list with T5's own pre-tokenizer,
-    # `$A </s>` post-processor and decoder, exactly as it does for a converted sentencepiece model.
+    # transformers' T5Tokenizer wraps a Unigram (piece, score) list with T5's own pre-tokenizer
+    # (whitespace split, Metaspace "▁"), `$A </s>` post-processor and decoder, exactly as it does
+    # for a converted sentencepiece model.
+    pieces = _unigram_pieces(TINY_CORPUS, vocab_size)
     tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.convert_tokens_to_ids(token) != token_id:

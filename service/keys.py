@@ -1,0 +1,214 @@
+"""API keys, each bound to a tenant, stored only as salted hashes in one JSON file.
+
+A key reads `bora_<key_id>_<secret>`. The key id is public (it names the key in `bora keys list` and lets
+`authenticate` find the one record to compare against); the secret is 256 random bits, shown once by
+`create_key` and never stored. The file holds `{key_id, tenant, salt, hash, iterations, created_at, revoked}`.
+
+Why PBKDF2-SHA256 with a modest iteration count rather than a slow KDF tuned for passwords: the secret is
+random, not chosen by a person, so brute force is hopeless whatever the cost; the iterations only add
+depth. A slow KDF would instead cost every API request tens of milliseconds of CPU. `iterations` is stored
+per key, so the count can change without invalidating old keys. Successful checks are cached in memory
+(keyed by an HMAC of the presented key under a per-process random key), so a busy client costs one hash.
+
+The file is rewritten atomically (temp file + `os.replace`) with mode 0600; the API's `KeyStore` re-reads it
+when its mtime changes, so `bora keys create/revoke` takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+KEY_PREFIX = "bora"
+ITERATIONS = 10_000
+DEFAULT_KEYS_FILE = Path("data/api-keys.json")
+# Tenants end up inside Redis keys (`P:tenant:{t}:jobs`, `P:idem:{t}:...`): keep them boring.
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CACHE_LIMIT = 1024
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _hash(secret: str, salt: bytes, iterations: int) -> bytes:
+    return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, iterations)
+
+
+def _split(presented: str) -> tuple[str, str] | None:
+    """(key_id, secret) of a well-formed key, else None. The secret may itself contain '_'."""
+    parts = presented.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return []
+    return list(data.get("keys", []))
+
+
+def _write(path: Path, records: list[dict[str, Any]]) -> None:
+    """Atomic replace; the file is never visible half-written nor readable by other users."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": 1, "keys": records}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def create_key(path: Path, tenant: str) -> str:
+    """Store a new key for `tenant` and return it in plaintext — the only time it exists outside a client."""
+    if not TENANT_RE.match(tenant):
+        raise ValueError(f"tenant {tenant!r} must match {TENANT_RE.pattern}")
+    records = _read(path)
+    taken = {r["key_id"] for r in records}
+    key_id = secrets.token_hex(6)
+    while key_id in taken:
+        key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    records.append(
+        {
+            "key_id": key_id,
+            "tenant": tenant,
+            "salt": _b64(salt),
+            "hash": _b64(_hash(secret, salt, ITERATIONS)),
+            "iterations": ITERATIONS,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "revoked": False,
+        }
+    )
+    _write(path, records)
+    return f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def list_keys(path: Path) -> list[dict[str, Any]]:
+    """Every key's public fields (no salt, no hash)."""
+    return [
+        {k: r[k] for k in ("key_id", "tenant", "created_at", "revoked")} for r in _read(path)
+    ]
+
+
+def revoke_key(path: Path, key_id: str) -> bool:
+    """Mark a key revoked (kept for the audit trail). False when no such key."""
+    records = _read(path)
+    for record in records:
+        if record["key_id"] == key_id:
+            record["revoked"] = True
+            _write(path, records)
+            return True
+    return False
+
+
+class KeyStore:
+    """The API's view of the key file: loaded once, re-read when the file's mtime/size/inode change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._records: dict[str, dict[str, Any]] = {}
+        self._verified: dict[bytes, str] = {}  # HMAC(process key, presented) -> key_id
+        self._cache_key = secrets.token_bytes(32)
+        self._dummy_salt = secrets.token_bytes(16)
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            records = {r["key_id"]: r for r in _read(self.path)} if stamp else {}
+            self._records, self._verified, self._stamp = records, {}, stamp
+
+    def authenticate(self, presented: str) -> str | None:
+        """The tenant the key belongs to, or None (unknown, revoked, malformed or wrong secret).
+
+        Unknown ids and malformed keys still run one hash so that timing does not say which ids exist."""
+        self._refresh()
+        tag = hmac.new(self._cache_key, presented.encode(), hashlib.sha256).digest()
+        cached = self._verified.get(tag)
+        if cached is not None:
+            record = self._records.get(cached)
+            return record["tenant"] if record and not record["revoked"] else None
+        parts = _split(presented)
+        record = self._records.get(parts[0]) if parts else None
+        if parts is None or record is None:
+            _hash(presented, self._dummy_salt, ITERATIONS)
+            return None
+        digest = _hash(parts[1], base64.b64decode(record["salt"]), int(record["iterations"]))
+        if not hmac.compare_digest(digest, base64.b64decode(record["hash"])) or record["revoked"]:
+            return None
+        if len(self._verified) >= _CACHE_LIMIT:
+            self._verified.clear()
+        self._verified[tag] = record["key_id"]
+        return str(record["tenant"])
+
+
+# --- `bora keys ...` (mounted by the lead on the main CLI) -------------------------------------------------
+
+keys_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Manage API keys (hashed, per tenant).")
+
+KeysFile = Annotated[
+    Path,
+    typer.Option("--file", envvar="BORA_API_KEYS_FILE", help="Key file (default: $BORA_API_KEYS_FILE)"),
+]
+
+
+@keys_app.command("create")
+def create_command(
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant the key acts for")],
+    file: KeysFile = DEFAULT_KEYS_FILE,
+) -> None:
+    """Create a key; it is printed once, as the last line, and only its hash is stored."""
+    try:
+        key = create_key(file, tenant)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--tenant") from error
+    key_id = key.split("_", 2)[1]
+    typer.echo(f"created key {key_id} for tenant {tenant} in {file}; store it now, it is not shown again:")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def list_command(file: KeysFile = DEFAULT_KEYS_FILE) -> None:
+    """List keys: id, tenant, created, status. Secrets are never stored, so never shown."""
+    for key in list_keys(file):
+        status = "revoked" if key["revoked"] else "active"
+        typer.echo(f"{key['key_id']}\t{key['tenant']}\t{key['created_at']}\t{status}")
+
+
+@keys_app.command("revoke")
+def revoke_command(key_id: Annotated[str, typer.Argument()], file: KeysFile = DEFAULT_KEYS_FILE) -> None:
+    """Revoke a key by id; the API stops accepting it at its next request."""
+    if not revoke_key(file, key_id):
+        typer.echo(f"no key {key_id} in {file}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")

@@ -1,0 +1,64 @@
+"""The FastAPI app. `uvicorn service.main:app` builds it from BORA_* settings on first access."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from rq import Queue
+
+from service import handlers
+from service.config import Settings, get_settings
+from service.connection import connect
+from service.metrics import ApiMetrics, MetricsMiddleware
+from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.models import MODELS
+from service.routes import health, videos
+from service.storage import make_storage
+
+DESCRIPTION = """Text-to-video for biomedical prompts. Submit a job (`POST /v1/videos`, answered 202 at once),
+poll `GET /v1/videos/{id}` until `status` is terminal, then fetch `GET /v1/videos/{id}/content`.
+Every error is JSON: `{"error": {"type", "code", "message", "param"}}`. Videos are synthetic, AI-generated."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    redis = connect(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        redis.close()
+
+    app = FastAPI(title="Bora video API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.redis = redis
+    app.state.queue = Queue(settings.queue_name, connection=redis, default_timeout=settings.job_timeout_seconds)
+    app.state.storage = make_storage(settings)
+    app.state.model_spec = MODELS[settings.model_preset]
+    app.state.metrics = ApiMetrics(
+        redis, prefix=settings.key_prefix, heartbeat_ttl_seconds=settings.heartbeat_ttl_seconds
+    )
+    app.include_router(videos.router)
+    app.include_router(health.router)
+    handlers.install(app)
+    # Added last = outermost: metrics see every answer, including 413s from the body cap.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`service.main.app`, built lazily so importing this module reads no settings."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)

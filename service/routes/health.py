@@ -1,0 +1,75 @@
+"""`/healthz` (process alive), `/readyz` (Redis reachable and a worker ready), `/metrics` (Prometheus)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from service import heartbeats
+from service.deps import MetricsDep, RedisDep, SettingsDep
+from service.routes.responses import errors
+from service.schemas import WorkerHeartbeat
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    status: str
+    redis: str
+    workers_ready: int
+    workers: list[WorkerHeartbeat]
+
+
+@router.get("/healthz", response_model=Health, summary="The API process is alive")
+def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Ready: Redis reachable and at least one worker with its model loaded",
+    responses=errors(503),
+)
+def readyz(settings: SettingsDep, r: RedisDep) -> Any:
+    try:
+        r.ping()
+        workers = heartbeats.list_workers(
+            r, prefix=settings.key_prefix, max_age_seconds=settings.heartbeat_ttl_seconds
+        )
+    except RedisError as exc:
+        return _not_ready(f"redis unreachable: {type(exc).__name__}", redis="unreachable", workers=[])
+    ready = [w for w in workers if w.state in heartbeats.READY_STATES]
+    if not ready:
+        states = ", ".join(f"{w.worker_id}={w.state.value}" for w in workers) or "none alive"
+        return _not_ready(
+            f"no worker ready (workers: {states}); jobs are accepted and wait in the queue",
+            redis="ok",
+            workers=workers,
+        )
+    return Readiness(status="ready", redis="ok", workers_ready=len(ready), workers=workers)
+
+
+def _not_ready(reason: str, *, redis: str, workers: list[WorkerHeartbeat]) -> JSONResponse:
+    body = {
+        "error": {"type": "unavailable_error", "code": "not_ready", "message": reason, "param": None},
+        "status": "not_ready",
+        "redis": redis,
+        "workers_ready": 0,
+        "workers": [w.model_dump(mode="json") for w in workers],
+    }
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(m: MetricsDep) -> Response:
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

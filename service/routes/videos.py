@@ -1,0 +1,243 @@
+"""`/v1/videos`: submit, read, list, cancel, and download a job's video or thumbnail."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import FileResponse, RedirectResponse
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from service import jobstore
+from service.config import Settings
+from service.deps import (
+    MetricsDep,
+    ModelSpecDep,
+    QueueDep,
+    RedisDep,
+    RequestIdDep,
+    SettingsDep,
+    StorageDep,
+    TenantDep,
+)
+from service.errors import Conflict, InvalidRequest, JobNotFound, NotFound
+from service.models import normalize
+from service.routes.responses import errors
+from service.schemas import (
+    JobList,
+    JobPayload,
+    JobRecord,
+    JobStatus,
+    Stage,
+    VideoCreate,
+    VideoJob,
+    utcnow,
+)
+
+router = APIRouter(tags=["videos"])
+
+WORKER_FUNCTION = "worker.jobs.run_video_job"
+RQ_RESULT_TTL_SECONDS = 3600  # the result lives in our job hash; RQ's copy is only for debugging
+MAX_SEED_DRAWN = 2**31 - 1
+JobId = Annotated[str, Path(description="The job id returned at submission (`vid_…`).", max_length=128)]
+
+
+def present(record: JobRecord, settings: Settings) -> VideoJob:
+    """The public view of a job; output URLs become absolute when BORA_PUBLIC_BASE_URL is set."""
+    job = record.public()
+    base = (settings.public_base_url or "").rstrip("/")
+    if base and job.outputs is not None:
+        outputs = job.outputs.model_copy(deep=True)
+        for output in (outputs.video, outputs.thumbnail, outputs.sidecar):
+            if output is not None and output.url.startswith("/"):
+                output.url = base + output.url
+        job = job.model_copy(update={"outputs": outputs})
+    return job
+
+
+def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRecord:
+    """The caller's job, or 404 — also for another tenant's job, so ids leak nothing."""
+    record = jobstore.get(r, job_id, prefix=settings.key_prefix)
+    if record is None or record.tenant != tenant:
+        raise JobNotFound(f"no job {job_id}", param="job_id")
+    return record
+
+
+@router.post(
+    "/v1/videos",
+    status_code=202,
+    response_model=VideoJob,
+    summary="Submit a video job",
+    responses=errors(413, 422, 429, 503),
+    response_description="Accepted: the job object; `Location` points at it. Poll it until it is terminal.",
+)
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=VideoJob,
+    summary="Submit a video job (alias of POST /v1/videos)",
+    responses=errors(413, 422, 429, 503),
+)
+def create_video(
+    body: VideoCreate,
+    response: Response,
+    settings: SettingsDep,
+    r: RedisDep,
+    queue: QueueDep,
+    spec: ModelSpecDep,
+    metrics: MetricsDep,
+    request_id: RequestIdDep,
+    tenant: TenantDep,
+) -> VideoJob:
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN + 1)
+    normalized, warnings = normalize(
+        body,
+        spec,
+        seed,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_metadata_bytes=settings.max_metadata_bytes,
+    )
+    now = utcnow()
+    record = JobRecord(
+        id=jobstore.new_job_id(),
+        status=JobStatus.queued,
+        stage=Stage.queued,
+        created_at=now,
+        updated_at=now,
+        model=spec.name,
+        input=normalized,
+        seed=seed,
+        warnings=warnings,
+        metadata=body.metadata,
+        tenant=tenant,
+        request_id=request_id,
+        retention_s=settings.job_retention_seconds,
+    )
+    payload = JobPayload(
+        job_id=record.id,
+        input=normalized,
+        seed=seed,
+        model=spec.name,
+        request_id=request_id,
+        tenant=tenant,
+        metadata=body.metadata,
+        enqueued_at=now,
+    )
+    # The job record and the RQ entry are written in one MULTI/EXEC: both exist, or neither.
+    pipe = r.pipeline(transaction=True)
+    pipe.multi()  # explicit, so RQ queues its commands on our transaction instead of opening one
+    jobstore.create(r, record, prefix=settings.key_prefix, pipeline=pipe)
+    queue.enqueue_call(
+        WORKER_FUNCTION,
+        args=(payload.model_dump(mode="json"),),
+        job_id=record.id,
+        timeout=settings.job_timeout_seconds,
+        result_ttl=RQ_RESULT_TTL_SECONDS,
+        failure_ttl=settings.rq_failure_ttl_seconds,
+        description=f"video {record.id}",
+        pipeline=pipe,
+    )
+    pipe.execute()
+    metrics.jobs_submitted.labels(spec.name).inc()
+    response.headers["Location"] = f"{(settings.public_base_url or '').rstrip('/')}/v1/videos/{record.id}"
+    stored = jobstore.get(r, record.id, prefix=settings.key_prefix) or record
+    return present(stored, settings)
+
+
+@router.get("/v1/videos", response_model=JobList, summary="List jobs, newest first", responses=errors(422, 503))
+def list_videos(
+    settings: SettingsDep,
+    r: RedisDep,
+    tenant: TenantDep,
+    limit: Annotated[int | None, Query(ge=1, description="Page size (default 20, at most BORA_LIST_MAX_LIMIT).")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
+) -> JobList:
+    if limit is None:
+        limit = settings.list_default_limit
+    if limit > settings.list_max_limit:
+        raise InvalidRequest(f"limit must be at most {settings.list_max_limit}", param="query.limit")
+    records, next_cursor = jobstore.list_jobs(r, limit, cursor, tenant, prefix=settings.key_prefix)
+    return JobList(
+        data=[present(record, settings) for record in records],
+        next_cursor=next_cursor,
+        has_more=next_cursor is not None,
+    )
+
+
+@router.get("/v1/videos/{job_id}", response_model=VideoJob, summary="Get a job", responses=errors(404, 503))
+def get_video(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantDep) -> VideoJob:
+    return present(load(r, job_id, settings, tenant), settings)
+
+
+@router.post(
+    "/v1/videos/{job_id}/cancel",
+    response_model=VideoJob,
+    summary="Cancel a job",
+    description=(
+        "A queued job becomes `canceled` at once and never runs. A running job becomes `canceling`; the worker "
+        "stops between denoising steps and marks it `canceled`. A finished job answers 409."
+    ),
+    responses=errors(404, 409, 503),
+)
+def cancel_video(
+    job_id: JobId, settings: SettingsDep, r: RedisDep, queue: QueueDep, tenant: TenantDep
+) -> VideoJob:
+    load(r, job_id, settings, tenant)
+    record = jobstore.request_cancel(r, job_id, prefix=settings.key_prefix)
+    if record.status == JobStatus.canceled:
+        try:  # drop the RQ entry so no worker ever picks it up (the worker also skips canceled jobs)
+            Job.fetch(job_id, connection=queue.connection).delete(remove_from_queue=True)
+        except NoSuchJobError:
+            pass
+    return present(record, settings)
+
+
+@router.head("/v1/videos/{job_id}/content", include_in_schema=False)
+@router.get(
+    "/v1/videos/{job_id}/content",
+    summary="Download the video (or its thumbnail)",
+    description=(
+        "Local storage: the MP4 itself, with HTTP Range support. S3: a 307 redirect to a URL presigned on "
+        "every call, so a link taken from here never expires under the client."
+    ),
+    response_class=Response,
+    responses={
+        200: {"content": {"video/mp4": {}, "image/jpeg": {}}, "description": "The file."},
+        206: {"description": "Partial content (Range)."},
+        307: {"description": "Redirect to a presigned object-storage URL."},
+        **errors(404, 409, 422, 503),
+    },
+)
+def get_video_content(
+    job_id: JobId,
+    settings: SettingsDep,
+    r: RedisDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    variant: Annotated[Literal["video", "thumbnail"], Query(description="`thumbnail`: a JPEG poster frame.")] = "video",
+) -> Response:
+    record = load(r, job_id, settings, tenant)
+    if record.status != JobStatus.succeeded or record.outputs is None:
+        code = "video_not_ready" if not record.status.terminal else "video_unavailable"
+        raise Conflict(f"job {job_id} is {record.status.value}; content exists only once it succeeded", code=code)
+    output = record.outputs.video if variant == "video" else record.outputs.thumbnail
+    if output is None:
+        raise NotFound(f"job {job_id} has no {variant}", code="content_not_found", param="variant")
+    extension = "mp4" if variant == "video" else "jpg"
+    filename = f"{job_id}.{extension}" if variant == "video" else f"{job_id}-thumbnail.{extension}"
+    url = storage.presigned_url(output.key, settings.presign_ttl_seconds, filename=filename)
+    if url is not None:
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+    path = storage.local_path(output.key)
+    if path is None or not path.is_file():
+        raise NotFound(f"the {variant} of job {job_id} is missing from storage", code="content_missing")
+    return FileResponse(
+        path,
+        media_type=output.content_type,
+        filename=filename,
+        content_disposition_type="inline",
+        headers={"Cache-Control": "private, max-age=3600"},
+    )

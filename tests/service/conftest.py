@@ -1,0 +1,187 @@
+"""Service test fixtures: real Redis (DB 11, a unique key prefix per test, cleaned up), the app, storage.
+
+Every key a test creates carries its prefix or one of its job ids, and is deleted afterwards, so tests never
+touch other users of the DB (other suites use other DB indexes too).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service import heartbeats, jobstore
+from service.config import Settings
+from service.main import create_app
+from service.schemas import (
+    ImageOutput,
+    JobRecord,
+    JobStatus,
+    Outputs,
+    Stage,
+    Timings,
+    VideoInput,
+    VideoOutput,
+    WorkerHeartbeat,
+    WorkerState,
+    content_url,
+    utcnow,
+)
+from service.storage import LocalStorage, output_key
+
+REDIS_URL = "redis://127.0.0.1:6379/11"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cleanup(r: Redis, prefix: str) -> None:
+    keys = jobstore.Keys(prefix)
+    ids = [m.decode() for m in r.zrange(keys.jobs, 0, -1)]
+    doomed = list(r.scan_iter(f"{prefix}:*", count=1000)) + list(r.scan_iter(f"rq:*{keys.queue_name}*", count=1000))
+    for job_id in ids:
+        doomed += list(r.scan_iter(f"rq:*{job_id}*", count=1000))
+    if doomed:
+        r.delete(*doomed)
+    r.srem("rq:queues", keys.rq_queue)
+
+
+@pytest.fixture
+def redis_conn() -> Redis:
+    r = Redis.from_url(REDIS_URL)
+    try:
+        r.ping()
+    except Exception as exc:  # pragma: no cover - environment problem
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    return r
+
+
+@pytest.fixture
+def prefix(redis_conn: Redis) -> Iterator[str]:
+    value = "bora-test-" + secrets.token_hex(4)
+    yield value
+    cleanup(redis_conn, value)
+
+
+@pytest.fixture
+def settings(prefix: str, tmp_path: Path) -> Settings:
+    return Settings(redis_url=REDIS_URL, key_prefix=prefix, data_dir=tmp_path / "data", storage="local")
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+def queued_record(job_id: str | None = None, *, tenant: str | None = None, **input_overrides) -> JobRecord:
+    params = dict(
+        prompt="a beating heart", num_frames=16, height=64, width=64, fps=8, num_inference_steps=10,
+        guidance_scale=7.0, sampler="iddpm", seed=7,
+    )
+    params.update(input_overrides)
+    now = utcnow()
+    return JobRecord(
+        id=job_id or jobstore.new_job_id(), status=JobStatus.queued, stage=Stage.queued, created_at=now,
+        updated_at=now, model="tiny", input=VideoInput(**params), seed=params["seed"], tenant=tenant,
+    )
+
+
+def finish_like_worker(r: Redis, settings: Settings, job_id: str, video: bytes, thumb: bytes = b"") -> JobRecord:
+    """Drive a job to succeeded exactly as the worker does: running, outputs written, then succeeded."""
+    storage = LocalStorage(settings.storage_dir)
+    jobstore.mark_running(r, job_id, "test-worker", prefix=settings.key_prefix, weights_sha256="ab" * 32)
+    jobstore.update_progress(r, job_id, Stage.denoising, 10, 10, 90.0, prefix=settings.key_prefix)
+    storage.put_bytes(output_key(job_id, "video.mp4"), video, "video/mp4")
+    thumbnail = None
+    if thumb:
+        storage.put_bytes(output_key(job_id, "thumbnail.jpg"), thumb, "image/jpeg")
+        thumbnail = ImageOutput(
+            url=content_url(job_id, "thumbnail"), key=output_key(job_id, "thumbnail.jpg"), bytes=len(thumb),
+            content_type="image/jpeg", width=64, height=64,
+        )
+    outputs = Outputs(
+        video=VideoOutput(
+            url=content_url(job_id), key=output_key(job_id, "video.mp4"), bytes=len(video), content_type="video/mp4",
+            sha256="00" * 32, width=64, height=64, frames=16, fps=8, duration_s=2.0,
+        ),
+        thumbnail=thumbnail,
+    )
+    return jobstore.mark_succeeded(r, job_id, outputs, Timings(total_s=1.5), prefix=settings.key_prefix)
+
+
+def beat(r: Redis, prefix: str, state: WorkerState = WorkerState.ready, worker_id: str = "w-test", ttl: int = 30):
+    """Publish a heartbeat exactly as the worker does."""
+    heartbeats.publish(
+        r, WorkerHeartbeat(worker_id=worker_id, state=state, model="tiny", device="cpu", dtype="float32", pid=1),
+        prefix=prefix, ttl_seconds=ttl,
+    )
+
+
+def bora_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BORA_")}
+    env.update(
+        BORA_REDIS_URL=settings.redis_url or REDIS_URL, BORA_KEY_PREFIX=settings.key_prefix,
+        BORA_DATA_DIR=str(settings.data_dir), BORA_STORAGE=settings.storage,
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[str]:
+    """The real thing: `uvicorn service.main:app` in a subprocess on a free loopback port."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
+        cwd=REPO_ROOT, env=bora_env(settings),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server over HTTP on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

@@ -1,0 +1,446 @@
+"""`run_video_job(payload)`: the one function the API enqueues (by dotted path `worker.jobs.run_video_job`).
+
+It runs inside an RQ `SimpleWorker` in the process that holds the resident pipeline (`install(Runtime)`,
+done once by worker/main.py or a test). A job: re-validate the payload → running → text encoding,
+denoising (progress + cancel poll every step), decoding → MP4 + JPEG poster + JSON sidecar in a temp dir
+→ upload with retries → succeeded. Any failure ends `failed` with a code from worker/errors.py; a cancel
+ends `canceled`; a shutdown past the grace period re-queues the job. State changes go through
+worker/lifecycle.py only. The function returns a small summary (RQ keeps it as the result); the job
+record in Redis is the truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from redis import Redis
+
+from service.config import Settings
+from service.errors import InvalidTransition, JobNotFound
+from service.errors import StorageError as ServiceStorageError
+from service.schemas import (
+    FileOutput,
+    ImageOutput,
+    JobPayload,
+    JobStatus,
+    JobWarning,
+    Outputs,
+    Stage,
+    Timings,
+    VideoOutput,
+    WorkerState,
+    content_url,
+    utcnow,
+)
+from service.storage import Storage, output_key
+from worker import errors
+from worker.lifecycle import Heartbeat, JobLifecycle
+from worker.metrics import WorkerMetrics
+from worker.video import SYNTHETIC_LABEL, encode_mp4, write_thumbnail
+
+logger = logging.getLogger(__name__)
+
+# Progress (0–100) at the start of each stage; denoising fills DENOISE_START..DENOISE_END by step.
+STAGE_PROGRESS = {
+    Stage.loading: 0.0,
+    Stage.encoding_text: 2.0,
+    Stage.denoising: 5.0,
+    Stage.decoding: 90.0,
+    Stage.encoding_video: 94.0,
+    Stage.uploading: 97.0,
+}
+DENOISE_START, DENOISE_END = 5.0, 90.0
+
+
+@dataclass
+class Runtime:
+    """What a job needs from its process: the resident pipeline, Redis, storage, metrics, heartbeat."""
+
+    pipeline: Any  # model.pipeline.BoraPipeline (typed loosely: this module imports torch lazily)
+    redis: Redis
+    settings: Settings
+    storage: Storage
+    metrics: WorkerMetrics
+    worker_id: str
+    heartbeat: Heartbeat | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    upload_attempts: int = 4
+    upload_backoff_s: float = 0.5  # doubles per retry: 0.5, 1, 2 s
+    # Set by the SIGTERM handler once the grace period is over: the running job stops between steps and
+    # is re-queued (by worker/main.py after the RQ loop returns).
+    shutdown: threading.Event = field(default_factory=threading.Event)
+    requeue: list[JobPayload] = field(default_factory=list)
+    current_job: str | None = None
+
+
+_runtime: Runtime | None = None
+
+
+def install(runtime: Runtime | None) -> None:
+    """Make `runtime` the one this process's jobs use (None uninstalls it)."""
+    global _runtime
+    _runtime = runtime
+
+
+def current_runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("no worker runtime installed: run jobs with `python -m worker.main`")
+    return _runtime
+
+
+def software_version() -> str:
+    try:
+        return importlib.metadata.version("bora-service")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_video_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """The enqueued function. Never raises for job failures: they end in the job record."""
+    rt = current_runtime()
+    prefix = rt.settings.key_prefix
+    try:
+        job = JobPayload.model_validate(payload)
+    except ValidationError as exc:
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        logger.warning("invalid job payload", extra={"job_id": job_id, "errors": exc.errors(include_url=False)})
+        if isinstance(job_id, str):
+            life = JobLifecycle(rt.redis, prefix, job_id, rt.worker_id, rt.metrics)
+            life.fail(errors.InvalidInput(f"the job payload is invalid: {exc.error_count()} error(s)"))
+        return {"job_id": job_id, "status": JobStatus.failed.value, "code": "invalid_input"}
+    return VideoJobRun(rt, job).run()
+
+
+class VideoJobRun:
+    """One execution of one job on this worker."""
+
+    def __init__(self, rt: Runtime, job: JobPayload) -> None:
+        self.rt = rt
+        self.job = job
+        self.life = JobLifecycle(
+            rt.redis, rt.settings.key_prefix, job.job_id, rt.worker_id, rt.metrics,
+            request_id=job.request_id, tenant=job.tenant, input=job.input,
+        )
+        self.durations: dict[str, float] = {}
+        self.queue_wait_s: float | None = None
+        self.interrupt_reason: str | None = None  # "cancel" | "shutdown" | "timeout"
+        self.deadline = time.monotonic() + rt.settings.job_timeout_seconds
+        self._stage: Stage | None = None
+        self._stage_started = 0.0
+        self._denoise_started = 0.0
+        self._step_seconds: float | None = None
+        self.uploaded: list[str] = []
+        self._warn_existing: set[str] = set()
+
+    # -- the whole job ----------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        rt, job = self.rt, self.job
+        try:
+            record = self.life.start(getattr(rt.pipeline, "weights_sha256", None))
+        except (InvalidTransition, JobNotFound) as exc:
+            # Canceled while queued, taken by another worker, or expired: nothing to do.
+            self.life.audit("job.skipped", logging.WARNING, outcome=getattr(exc, "current", "missing"))
+            return {"job_id": job.job_id, "status": "skipped"}
+
+        started = time.perf_counter()
+        enqueued = job.enqueued_at or record.created_at
+        if record.started_at is not None:
+            self.queue_wait_s = max((record.started_at - enqueued).total_seconds(), 0.0)
+            rt.metrics.observe_stage("queue_wait", self.queue_wait_s)
+        rt.current_job = job.job_id
+        rt.metrics.busy.set(1)
+        if rt.heartbeat:
+            rt.heartbeat.update(state=WorkerState.busy, current_job=job.job_id)
+        status = JobStatus.failed.value
+        code: str | None = None
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"bora-{job.job_id}-") as tmp:
+                self._check_model()
+                self._warn_existing = {w.code for w in record.warnings}
+                frames, token_count, truncated = self.generate()
+                self.warn_truncation(token_count, truncated)
+                files = self.encode(frames, Path(tmp))
+                outputs = self.upload(files)
+                self._close_stage()
+                total = time.perf_counter() - started
+                self.life.succeed(outputs, self.timings(total))
+                self._observe(total)
+                status = JobStatus.succeeded.value
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a job state here
+            status, code = self._handle_failure(exc, time.perf_counter() - started)
+        finally:
+            rt.current_job = None
+            rt.metrics.busy.set(0)
+            rt.metrics.update_gpu_memory(rt.device)
+            if rt.heartbeat:
+                stopping = rt.heartbeat.state == WorkerState.stopping
+                rt.heartbeat.update(state=WorkerState.stopping if stopping else WorkerState.ready, current_job=None)
+        return {"job_id": job.job_id, "status": status, "code": code}
+
+    def _check_model(self) -> None:
+        served = getattr(self.rt.pipeline, "name", None)
+        if served is not None and self.job.model != served:
+            raise errors.InvalidInput(f"this worker serves model {served!r}, not {self.job.model!r}")
+
+    def _handle_failure(self, exc: Exception, total: float) -> tuple[str, str | None]:
+        from model.errors import Interrupted
+
+        self._close_stage()
+        if isinstance(exc, Interrupted) and self.interrupt_reason == "timeout":
+            err: errors.WorkerError = errors.Timeout(
+                f"the job ran past its limit of {self.rt.settings.job_timeout_seconds} s"
+            )
+        elif isinstance(exc, Interrupted) and self.interrupt_reason == "shutdown":
+            self.life.requeue("worker shutting down")
+            self.rt.requeue.append(self.job)
+            self._delete_uploaded()
+            return JobStatus.queued.value, None
+        else:
+            err = errors.classify(exc)
+        self._delete_uploaded()
+        if isinstance(err, errors.Canceled):
+            self.life.cancel()
+            return JobStatus.canceled.value, "canceled"
+        if isinstance(err, errors.Internal):
+            self.life.audit("job.error", logging.ERROR, exc_info=exc, code=err.code, error_type=type(exc).__name__)
+        else:
+            self.life.audit("job.error", logging.WARNING, code=err.code, error=str(exc))
+        if isinstance(err, errors.OutOfMemory):
+            self._free_accelerator_memory()
+        self.life.fail(err, self.timings(total))
+        return JobStatus.failed.value, err.code
+
+    # -- stages -----------------------------------------------------------------------------------------
+
+    def _enter_stage(self, stage: Stage) -> None:
+        self._close_stage()
+        self._stage = stage
+        self._stage_started = time.perf_counter()
+        self._poll(self.life.progress(stage, STAGE_PROGRESS[stage]))
+
+    def _close_stage(self) -> None:
+        if self._stage is not None:
+            self.durations[self._stage.value] = time.perf_counter() - self._stage_started
+            self._stage = None
+
+    def _poll(self, status: JobStatus | None) -> None:
+        """Turn the status returned by a progress write into the cancel flag (no extra Redis read)."""
+        if status in (JobStatus.canceling, JobStatus.canceled, None) and self.interrupt_reason is None:
+            self.interrupt_reason = "cancel"
+
+    def should_cancel(self) -> bool:
+        """Checked by the sampler before every step: cancel, shutdown past grace, or time limit."""
+        if self.interrupt_reason is None:
+            if self.rt.shutdown.is_set():
+                self.interrupt_reason = "shutdown"
+            elif time.monotonic() > self.deadline:
+                self.interrupt_reason = "timeout"
+        return self.interrupt_reason is not None
+
+    def _raise_if_interrupted(self) -> None:
+        from model.errors import Interrupted
+
+        if self.should_cancel():
+            raise Interrupted(f"stopped between stages ({self.interrupt_reason})")
+
+    def _on_stage(self, name: str) -> None:
+        stage = Stage(name)
+        self._enter_stage(stage)
+        if stage == Stage.denoising:
+            self._denoise_started = time.perf_counter()
+        self._raise_if_interrupted()
+
+    def _on_step(self, _pipe: Any, step_index: int, _timestep: int, total: int) -> None:
+        done = step_index + 1
+        elapsed = time.perf_counter() - self._denoise_started
+        self._step_seconds = elapsed / done
+        # Remaining steps, plus decode/encode/upload at roughly one step's worth each (refined by history).
+        eta = (total - done) * self._step_seconds + 3 * self._step_seconds
+        progress = DENOISE_START + (DENOISE_END - DENOISE_START) * done / total
+        self.rt.metrics.denoising_steps.inc()
+        self._poll(self.life.progress(Stage.denoising, progress, step=done, total_steps=total, eta_seconds=eta))
+
+    def generate(self) -> tuple[Any, int, bool]:
+        """Run the pipeline; returns (frames [T,H,W,3] uint8, prompt token count, truncated)."""
+        inp = self.job.input
+        self._raise_if_interrupted()
+        out = self.rt.pipeline(
+            inp.prompt,
+            num_frames=inp.num_frames,
+            height=inp.height,
+            width=inp.width,
+            num_inference_steps=inp.num_inference_steps,
+            guidance_scale=inp.guidance_scale,
+            sampler=inp.sampler,
+            seed=self.job.seed,
+            callback_on_step_end=self._on_step,
+            should_cancel=self.should_cancel,
+            stage_callback=self._on_stage,
+        )
+        self._close_stage()
+        frames = out.frames[0]
+        expected = (inp.num_frames, inp.height, inp.width, 3)
+        if tuple(frames.shape) != expected:
+            raise RuntimeError(f"pipeline returned frames {tuple(frames.shape)}, expected {expected}")
+        return frames, int(out.token_counts[0]), bool(out.truncated[0])
+
+    def warn_truncation(self, token_count: int, truncated: bool) -> None:
+        if not truncated or "prompt_truncated" in self._warn_existing:
+            return
+        limit = getattr(getattr(self.rt.pipeline, "text_encoder", None), "model_max_length", 120)
+        self.life.warn([JobWarning(
+            code="prompt_truncated",
+            message=f"the prompt is {token_count} tokens long; the text encoder read only the first {limit}",
+            param="prompt",
+        )])
+
+    def encode(self, frames: Any, tmp: Path) -> dict[str, Path]:
+        self._enter_stage(Stage.encoding_video)
+        self._raise_if_interrupted()
+        inp = self.job.input
+        video = tmp / "video.mp4"
+        encode_mp4(frames, inp.fps, video, {
+            "title": f"Bora synthetic video {self.job.job_id}",
+            "comment": SYNTHETIC_LABEL,
+            "description": inp.prompt[:1000],
+        })
+        thumbnail = tmp / "thumbnail.jpg"
+        write_thumbnail(frames[len(frames) // 2], thumbnail)
+        self._close_stage()
+        return {"video": video, "thumbnail": thumbnail}
+
+    def upload(self, files: dict[str, Path]) -> Outputs:
+        self._enter_stage(Stage.uploading)
+        self._raise_if_interrupted()
+        job_id, inp = self.job.job_id, self.job.input
+        video_key, thumb_key, sidecar_key = (
+            output_key(job_id, "video.mp4"), output_key(job_id, "thumbnail.jpg"), output_key(job_id, "metadata.json")
+        )
+        video = VideoOutput(
+            url=content_url(job_id), key=video_key, bytes=files["video"].stat().st_size, content_type="video/mp4",
+            sha256=file_sha256(files["video"]), width=inp.width, height=inp.height, frames=inp.num_frames,
+            fps=inp.fps, duration_s=round(inp.num_frames / inp.fps, 4),
+        )
+        thumbnail = ImageOutput(
+            url=content_url(job_id, "thumbnail"), key=thumb_key, bytes=files["thumbnail"].stat().st_size,
+            content_type="image/jpeg", sha256=file_sha256(files["thumbnail"]), width=inp.width, height=inp.height,
+        )
+        self._put(video_key, files["video"], "video/mp4")
+        self._put(thumb_key, files["thumbnail"], "image/jpeg")
+        sidecar_path = files["video"].parent / "metadata.json"
+        sidecar_path.write_text(json.dumps(self.sidecar(video, thumbnail), indent=2, ensure_ascii=False))
+        sidecar = FileOutput(
+            url=content_url(job_id, "metadata"), key=sidecar_key, bytes=sidecar_path.stat().st_size,
+            content_type="application/json", sha256=file_sha256(sidecar_path),
+        )
+        self._put(sidecar_key, sidecar_path, "application/json")
+        self._close_stage()
+        return Outputs(video=video, thumbnail=thumbnail, sidecar=sidecar)
+
+    def _put(self, key: str, path: Path, content_type: str) -> None:
+        """Upload with exponential backoff; a storage that keeps failing fails the job `storage_error`."""
+        attempts = max(self.rt.upload_attempts, 1)
+        for attempt in range(1, attempts + 1):
+            try:
+                self.rt.storage.put_file(key, path, content_type)
+                self.uploaded.append(key)
+                return
+            except (ServiceStorageError, OSError) as exc:
+                if attempt == attempts:
+                    raise errors.StorageError(f"could not store the video after {attempts} attempts") from exc
+                delay = self.rt.upload_backoff_s * 2 ** (attempt - 1)
+                self.life.audit("job.upload_retry", logging.WARNING, key=key, attempt=attempt, delay_s=delay,
+                                error=str(exc))
+                time.sleep(delay)
+
+    def _delete_uploaded(self) -> None:
+        """A failed job leaves no objects behind (each object was atomic; this removes the set)."""
+        for key in self.uploaded:
+            try:
+                self.rt.storage.delete(key)
+            except Exception:  # noqa: BLE001 - best effort; the job's failure is what matters
+                self.life.audit("job.cleanup_failed", logging.WARNING, key=key)
+        self.uploaded.clear()
+
+    # -- results ----------------------------------------------------------------------------------------
+
+    def timings(self, total: float) -> Timings:
+        d = self.durations
+        inference = [d[s] for s in ("encoding_text", "denoising", "decoding") if s in d]
+        return Timings(
+            queue_wait_s=_round(self.queue_wait_s),
+            load_s=_round(d.get("loading")),
+            encoding_text_s=_round(d.get("encoding_text")),
+            denoising_s=_round(d.get("denoising")),
+            decoding_s=_round(d.get("decoding")),
+            inference_s=_round(sum(inference)) if inference else None,
+            encode_s=_round(d.get("encoding_video")),
+            upload_s=_round(d.get("uploading")),
+            total_s=_round(total),
+        )
+
+    def sidecar(self, video: VideoOutput, thumbnail: ImageOutput) -> dict[str, Any]:
+        """The JSON written next to the video: what was generated, how, by what, and that it is synthetic."""
+        rt, job = self.rt, self.job
+        return {
+            "label": SYNTHETIC_LABEL,
+            "job_id": job.job_id,
+            "created_at": utcnow().isoformat(),
+            "prompt": job.input.prompt,
+            "params": job.input.model_dump(mode="json", exclude={"prompt"}),
+            "seed": job.seed,
+            "model": {
+                "name": getattr(rt.pipeline, "name", job.model),
+                "weights_sha256": getattr(rt.pipeline, "weights_sha256", None),
+                "device": rt.device,
+                "dtype": rt.dtype,
+            },
+            # Upload time is not known yet when the sidecar itself is written; the job record has it.
+            "timings": self.timings(0.0).model_dump(exclude={"total_s", "upload_s"}, exclude_none=True),
+            "software": {"bora-service": software_version()},
+            "video": video.model_dump(mode="json", exclude={"url"}),
+            "thumbnail": thumbnail.model_dump(mode="json", exclude={"url"}),
+            "client_metadata": job.metadata,
+            "request_id": job.request_id,
+        }
+
+    def _observe(self, total: float) -> None:
+        m = self.rt.metrics
+        for stage, seconds in self.durations.items():
+            if stage != "loading":
+                m.observe_stage(stage, seconds)
+        m.observe_stage("total", total)
+        denoise = self.durations.get("denoising")
+        if denoise:
+            m.steps_per_second.set(self.job.input.num_inference_steps / denoise)
+
+    def _free_accelerator_memory(self) -> None:
+        if self.rt.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+

@@ -1,0 +1,223 @@
+"""The worker's only path to job state and to its own heartbeat.
+
+`JobLifecycle` wraps service.jobstore's transitions for one job: each one also writes a structured audit
+log line (job id, request id, tenant, prompt sha256, params, outcome) and, when terminal, counts the job in
+the worker's metrics. `Heartbeat` publishes `P:worker:{wid}` (TTL'd) from a background thread and on every
+state change, so the API's /readyz and the reaper see this worker's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+
+from service import heartbeats, jobstore
+from service.errors import InvalidTransition
+from service.schemas import (
+    JobRecord,
+    JobStatus,
+    JobWarning,
+    Outputs,
+    Stage,
+    Timings,
+    VideoInput,
+    WorkerHeartbeat,
+    WorkerState,
+    utcnow,
+)
+from worker.errors import WorkerError
+from worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+_LOG_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class JobLifecycle:
+    """State transitions of one job, as run by this worker."""
+
+    r: Redis
+    prefix: str
+    job_id: str
+    worker_id: str
+    metrics: WorkerMetrics
+    request_id: str | None = None
+    tenant: str | None = None
+    input: VideoInput | None = None
+    _last_progress: float = field(default=0.0, init=False)
+
+    # -- logging ----------------------------------------------------------------------------------------
+
+    def audit(
+        self, event: str, level: int = logging.INFO, exc_info: BaseException | None = None, **fields: Any
+    ) -> None:
+        """One JSON log line per state change; the fields the audit trail needs are always there."""
+        extra: dict[str, Any] = {
+            "event": event,
+            "job_id": self.job_id,
+            "request_id": self.request_id,
+            "tenant": self.tenant,
+            "worker_id": self.worker_id,
+        }
+        if self.input is not None:
+            params = self.input.model_dump(exclude={"prompt"})
+            extra["prompt_sha256"] = hashlib.sha256(self.input.prompt.encode()).hexdigest()
+            extra["params"] = params
+        # LogRecord attributes (message, args, name, ...) cannot be extra keys: suffix them.
+        extra.update({(f"{k}_" if k in _LOG_RECORD_ATTRS else k): v for k, v in fields.items()})
+        logger.log(level, event, extra=extra, exc_info=exc_info)
+
+    # -- transitions ------------------------------------------------------------------------------------
+
+    def start(self, weights_sha256: str | None) -> JobRecord:
+        """queued -> running (stage loading). Raises service.errors.InvalidTransition if it was canceled."""
+        record = jobstore.mark_running(
+            self.r, self.job_id, self.worker_id, prefix=self.prefix, weights_sha256=weights_sha256
+        )
+        self._last_progress = 0.0
+        self.audit("job.running", attempt=record.attempts)
+        return record
+
+    def progress(
+        self,
+        stage: Stage,
+        progress: float,
+        step: int | None = None,
+        total_steps: int | None = None,
+        eta_seconds: float | None = None,
+    ) -> JobStatus | None:
+        """Record stage/step/progress (monotonic) in one round trip; returns the job's status, which is also
+        the cancel poll (`canceling` = stop)."""
+        self._last_progress = max(self._last_progress, min(progress, 99.0))
+        status = jobstore.update_progress(
+            self.r, self.job_id, stage, step=step, total_steps=total_steps, progress=self._last_progress,
+            eta_seconds=eta_seconds, prefix=self.prefix,
+        )
+        if step is None:
+            self.audit("job.stage", stage=stage.value)
+        return status
+
+    def warn(self, warnings: list[JobWarning]) -> None:
+        if warnings:
+            jobstore.add_warnings(self.r, self.job_id, warnings, prefix=self.prefix)
+            self.audit("job.warnings", warnings=[w.code for w in warnings])
+
+    def succeed(self, outputs: Outputs, timings: Timings) -> JobRecord:
+        record = jobstore.mark_succeeded(self.r, self.job_id, outputs, timings, prefix=self.prefix)
+        self.metrics.job_finished("succeeded", None)
+        self.audit("job.succeeded", outcome="succeeded", timings=timings.model_dump(exclude_none=True),
+                   video_sha256=outputs.video.sha256, video_key=outputs.video.key)
+        return record
+
+    def fail(self, error: WorkerError, timings: Timings | None = None) -> JobRecord | None:
+        """-> failed with the error's code. None when the job is already terminal (e.g. canceled meanwhile)."""
+        try:
+            record = jobstore.mark_failed(
+                self.r, self.job_id, error.code, error.message, error.retryable, prefix=self.prefix, timings=timings
+            )
+        except InvalidTransition as exc:
+            self.audit("job.fail_ignored", logging.WARNING, outcome=exc.current, code=error.code)
+            return None
+        self.metrics.job_finished("failed", error.code)
+        self.audit("job.failed", logging.WARNING, outcome="failed", code=error.code, error=error.message)
+        return record
+
+    def cancel(self) -> JobRecord | None:
+        try:
+            record = jobstore.mark_canceled(self.r, self.job_id, prefix=self.prefix)
+        except InvalidTransition as exc:
+            self.audit("job.cancel_ignored", logging.WARNING, outcome=exc.current)
+            return None
+        self.metrics.job_finished("canceled", "canceled")
+        self.audit("job.canceled", outcome="canceled")
+        return record
+
+    def requeue(self, reason: str) -> JobRecord:
+        """running -> queued (this worker is shutting down mid-job); the caller re-enqueues the RQ job."""
+        record = jobstore.mark_requeued(self.r, self.job_id, prefix=self.prefix)
+        self.audit("job.requeued", logging.WARNING, outcome="requeued", reason=reason, attempt=record.attempts)
+        return record
+
+    def status(self) -> JobStatus | None:
+        record = jobstore.get(self.r, self.job_id, prefix=self.prefix)
+        return record.status if record else None
+
+
+class Heartbeat:
+    """Publishes this worker's `P:worker:{wid}` hash every `interval` s (TTL `ttl` s) and on each change."""
+
+    def __init__(
+        self,
+        r: Redis,
+        *,
+        prefix: str,
+        worker_id: str,
+        interval: float = 5.0,
+        ttl: int = 30,
+    ) -> None:
+        self.r = r
+        self.prefix = prefix
+        self.interval = interval
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._beat = WorkerHeartbeat(
+            worker_id=worker_id, state=WorkerState.starting, pid=os.getpid(), hostname=socket.gethostname()
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self._beat.worker_id
+
+    @property
+    def state(self) -> WorkerState:
+        return self._beat.state
+
+    def update(self, **fields: Any) -> None:
+        """Change fields (state, current_job, model, ...) and publish at once. current_job=None clears it."""
+        with self._lock:
+            self._beat = self._beat.model_copy(update=fields)
+        if "state" in fields:
+            logger.info("worker state", extra={"event": "worker.state", "worker_id": self.worker_id,
+                                               "state": str(fields["state"]), "current_job": self._beat.current_job})
+        self.publish()
+
+    def publish(self) -> None:
+        with self._lock:
+            beat = self._beat.model_copy(update={"updated_at": utcnow()})
+        try:
+            heartbeats.publish(self.r, beat, prefix=self.prefix, ttl_seconds=self.ttl)
+        except Exception:  # Redis down: keep beating, the next one may land
+            logger.warning("heartbeat failed", extra={"worker_id": self.worker_id}, exc_info=True)
+
+    def start(self) -> None:
+        self.publish()
+        self._thread = threading.Thread(target=self._run, name="bora-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.publish()
+
+    def stop(self, remove: bool = True) -> None:
+        """Stop beating; `remove` deletes the hash at once (a clean exit) instead of letting it expire."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 1)
+        if remove:
+            try:
+                heartbeats.remove(self.r, self.worker_id, prefix=self.prefix)
+            except Exception:
+                logger.warning("heartbeat removal failed", extra={"worker_id": self.worker_id}, exc_info=True)

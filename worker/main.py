@@ -1,0 +1,165 @@
+"""`python -m worker.main`: load the pipeline once, then run video jobs from RQ in this process.
+
+Start-up: settings → JSON logs → metrics server → heartbeat (starting) → storage check → load the
+pipeline (loading) → ready → an RQ `SimpleWorker` on `{prefix}-videos` (no fork per job: a fork after
+torch has run deadlocks, and the model must stay resident).
+
+SIGTERM/SIGINT (warm shutdown): stop taking jobs and let the current one finish; if it is still running
+after `--grace` seconds (or on a second signal) it stops between denoising steps and is re-queued for
+another worker. The exit code is 0 after a clean stop, 1 when start-up failed (the heartbeat then says
+`failed` with the reason until its TTL runs out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from typing import Any
+
+from prometheus_client import disable_created_metrics
+from redis import Redis
+from rq import Queue, SimpleWorker
+
+from service.config import Settings, get_settings
+from service.connection import connect
+from service.schemas import WorkerState
+from service.storage import make_storage
+from worker import jobs, logs
+from worker.lifecycle import Heartbeat, default_worker_id
+from worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRACE_S = 30.0
+
+
+class BoraWorker(SimpleWorker):
+    """RQ's in-process worker, with a grace period on shutdown instead of a hard kill mid-job."""
+
+    runtime: jobs.Runtime
+    grace_s: float = DEFAULT_GRACE_S
+    _grace_timer: threading.Timer | None = None
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        rt = self.runtime
+        if rt.heartbeat:
+            rt.heartbeat.update(state=WorkerState.stopping, detail="shutdown requested")
+        if rt.current_job and self._grace_timer is None:
+            logger.info("finishing current job before exit", extra={"job_id": rt.current_job, "grace_s": self.grace_s})
+            self._grace_timer = threading.Timer(self.grace_s, rt.shutdown.set)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        """Second signal: do not kill the job mid-step; stop it at the next step and re-queue it."""
+        logger.warning("second stop signal: interrupting the current job", extra={"job_id": self.runtime.current_job})
+        self.runtime.shutdown.set()
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_runtime(
+    settings: Settings, metrics: WorkerMetrics, heartbeat: Heartbeat, worker_id: str, r: Redis
+) -> jobs.Runtime:
+    """Check storage and load the pipeline once; raises on any start-up failure."""
+    storage = make_storage(settings)
+    storage.check()
+    heartbeat.update(state=WorkerState.loading)
+    device = resolve_device(settings.device)
+    from model.pipeline import BoraPipeline
+
+    started = time.perf_counter()
+    pipeline = BoraPipeline.from_pretrained(settings.model_dir, device=device)
+    load_s = time.perf_counter() - started
+    dtype = str(pipeline.dtype).removeprefix("torch.")
+    metrics.model_load_seconds.set(load_s)
+    metrics.set_info(pipeline.name, pipeline.weights_sha256 or "", device, dtype)
+    metrics.update_gpu_memory(device)
+    logger.info(
+        "pipeline loaded",
+        extra={"model": pipeline.name, "weights_sha256": pipeline.weights_sha256, "device": device,
+               "dtype": dtype, "load_s": round(load_s, 3), "model_dir": str(settings.model_dir)},
+    )
+    return jobs.Runtime(
+        pipeline=pipeline, redis=r, settings=settings, storage=storage, metrics=metrics,
+        worker_id=worker_id, heartbeat=heartbeat, device=device, dtype=dtype,
+    )
+
+
+def requeue_interrupted(rt: jobs.Runtime) -> None:
+    """Put jobs stopped by the shutdown back on the queue (their state is already `queued`)."""
+    if not rt.requeue:
+        return
+    queue = Queue(rt.settings.queue_name, connection=rt.redis)
+    for payload in rt.requeue:
+        queue.enqueue_call(
+            "worker.jobs.run_video_job", args=(payload.model_dump(mode="json"),), job_id=payload.job_id,
+            timeout=rt.settings.job_timeout_seconds, result_ttl=rt.settings.job_retention_seconds,
+            failure_ttl=rt.settings.rq_failure_ttl_seconds, at_front=True,
+        )
+        logger.info("job re-queued", extra={"job_id": payload.job_id, "request_id": payload.request_id})
+    rt.requeue.clear()
+
+
+def run(settings: Settings, *, burst: bool = False, grace_s: float = DEFAULT_GRACE_S, log_level: str = "INFO") -> int:
+    worker_id = settings.worker_id or default_worker_id()
+    metrics = WorkerMetrics()
+    port = metrics.serve(settings.worker_metrics_port)
+    state_redis = connect(settings)
+    heartbeat = Heartbeat(
+        state_redis, prefix=settings.key_prefix, worker_id=worker_id,
+        interval=settings.heartbeat_interval_seconds, ttl=settings.heartbeat_ttl_seconds,
+    )
+    heartbeat.start()
+    logger.info("worker starting", extra={"worker_id": worker_id, "metrics_port": port, "queue": settings.queue_name})
+    try:
+        rt = load_runtime(settings, metrics, heartbeat, worker_id, state_redis)
+    except Exception as exc:
+        logger.exception("worker start-up failed", extra={"worker_id": worker_id})
+        heartbeat.update(state=WorkerState.failed, detail=f"start-up failed: {type(exc).__name__}: {exc}"[:500])
+        heartbeat.stop(remove=False)  # leave the `failed` heartbeat to expire so /readyz can say why
+        return 1
+    jobs.install(rt)
+    heartbeat.update(
+        state=WorkerState.ready, model=rt.pipeline.name, weights_sha256=rt.pipeline.weights_sha256,
+        device=rt.device, dtype=rt.dtype,
+    )
+    # RQ blocks on the queue: its connection must not time out while idle.
+    rq_redis = connect(settings, socket_timeout=None)
+    worker = BoraWorker([Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=worker_id)
+    worker.runtime = rt
+    worker.grace_s = grace_s
+    try:
+        worker.work(burst=burst, logging_level=log_level)
+    finally:
+        heartbeat.update(state=WorkerState.stopping)
+        requeue_interrupted(rt)
+        heartbeat.stop(remove=True)
+        jobs.install(None)
+        logger.info("worker stopped", extra={"worker_id": worker_id})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.main", description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                        help="seconds a running job may take to finish after SIGTERM before it is re-queued")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level)
+    disable_created_metrics()
+    return run(get_settings(), burst=args.burst, grace_s=args.grace, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
