@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from model.errors import InvalidInput
-from model.presets import GenerationDefaults
 from model.loading import load_stdit
+from model.presets import GenerationDefaults
 from model.schedulers import SAMPLERS, make_sampler
 from model.stdit import STDiT
 from model.text_encoder import T5TextEncoder

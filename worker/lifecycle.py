@@ -36,6 +36,10 @@ from worker.errors import WorkerError
 from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
+# Events that are job state changes carry the full audit fields (prompt hash, params); others only the ids.
+_STATE_EVENTS = frozenset(
+    {"job.running", "job.succeeded", "job.failed", "job.canceled", "job.requeued", "job.skipped"}
+)
 _LOG_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -70,7 +74,7 @@ class JobLifecycle:
             "tenant": self.tenant,
             "worker_id": self.worker_id,
         }
-        if self.input is not None:
+        if self.input is not None and event in _STATE_EVENTS:
             params = self.input.model_dump(exclude={"prompt"})
             extra["prompt_sha256"] = hashlib.sha256(self.input.prompt.encode()).hexdigest()
             extra["params"] = params
@@ -101,8 +105,14 @@ class JobLifecycle:
         the cancel poll (`canceling` = stop)."""
         self._last_progress = max(self._last_progress, min(progress, 99.0))
         status = jobstore.update_progress(
-            self.r, self.job_id, stage, step=step, total_steps=total_steps, progress=self._last_progress,
-            eta_seconds=eta_seconds, prefix=self.prefix,
+            self.r,
+            self.job_id,
+            stage,
+            step=step,
+            total_steps=total_steps,
+            progress=self._last_progress,
+            eta_seconds=eta_seconds,
+            prefix=self.prefix,
         )
         if step is None:
             self.audit("job.stage", stage=stage.value)
@@ -116,15 +126,26 @@ class JobLifecycle:
     def succeed(self, outputs: Outputs, timings: Timings) -> JobRecord:
         record = jobstore.mark_succeeded(self.r, self.job_id, outputs, timings, prefix=self.prefix)
         self.metrics.job_finished("succeeded", None)
-        self.audit("job.succeeded", outcome="succeeded", timings=timings.model_dump(exclude_none=True),
-                   video_sha256=outputs.video.sha256, video_key=outputs.video.key)
+        self.audit(
+            "job.succeeded",
+            outcome="succeeded",
+            timings=timings.model_dump(exclude_none=True),
+            video_sha256=outputs.video.sha256,
+            video_key=outputs.video.key,
+        )
         return record
 
     def fail(self, error: WorkerError, timings: Timings | None = None) -> JobRecord | None:
         """-> failed with the error's code. None when the job is already terminal (e.g. canceled meanwhile)."""
         try:
             record = jobstore.mark_failed(
-                self.r, self.job_id, error.code, error.message, error.retryable, prefix=self.prefix, timings=timings
+                self.r,
+                self.job_id,
+                error.code,
+                error.message,
+                error.retryable,
+                prefix=self.prefix,
+                timings=timings,
             )
         except InvalidTransition as exc:
             self.audit("job.fail_ignored", logging.WARNING, outcome=exc.current, code=error.code)
@@ -146,7 +167,9 @@ class JobLifecycle:
     def requeue(self, reason: str) -> JobRecord:
         """running -> queued (this worker is shutting down mid-job); the caller re-enqueues the RQ job."""
         record = jobstore.mark_requeued(self.r, self.job_id, prefix=self.prefix)
-        self.audit("job.requeued", logging.WARNING, outcome="requeued", reason=reason, attempt=record.attempts)
+        self.audit(
+            "job.requeued", logging.WARNING, outcome="requeued", reason=reason, attempt=record.attempts
+        )
         return record
 
     def status(self) -> JobStatus | None:
@@ -190,8 +213,15 @@ class Heartbeat:
         with self._lock:
             self._beat = self._beat.model_copy(update=fields)
         if "state" in fields:
-            logger.info("worker state", extra={"event": "worker.state", "worker_id": self.worker_id,
-                                               "state": str(fields["state"]), "current_job": self._beat.current_job})
+            logger.info(
+                "worker state",
+                extra={
+                    "event": "worker.state",
+                    "worker_id": self.worker_id,
+                    "state": str(fields["state"]),
+                    "current_job": self._beat.current_job,
+                },
+            )
         self.publish()
 
     def publish(self) -> None:

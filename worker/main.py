@@ -26,13 +26,14 @@ from service.config import Settings, get_settings
 from service.connection import connect
 from service.schemas import WorkerState
 from service.storage import make_storage
-from worker import jobs, logs
+from worker import jobs, logs, reaper
 from worker.lifecycle import Heartbeat, default_worker_id
 from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 30.0
+REAP_INTERVAL_S = 10.0
 
 
 class BoraWorker(SimpleWorker):
@@ -48,14 +49,18 @@ class BoraWorker(SimpleWorker):
         if rt.heartbeat:
             rt.heartbeat.update(state=WorkerState.stopping, detail="shutdown requested")
         if rt.current_job and self._grace_timer is None:
-            logger.info("finishing current job before exit", extra={"job_id": rt.current_job, "grace_s": self.grace_s})
+            logger.info(
+                "finishing current job before exit", extra={"job_id": rt.current_job, "grace_s": self.grace_s}
+            )
             self._grace_timer = threading.Timer(self.grace_s, rt.shutdown.set)
             self._grace_timer.daemon = True
             self._grace_timer.start()
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
         """Second signal: do not kill the job mid-step; stop it at the next step and re-queue it."""
-        logger.warning("second stop signal: interrupting the current job", extra={"job_id": self.runtime.current_job})
+        logger.warning(
+            "second stop signal: interrupting the current job", extra={"job_id": self.runtime.current_job}
+        )
         self.runtime.shutdown.set()
 
 
@@ -75,7 +80,14 @@ def load_runtime(
     storage.check()
     heartbeat.update(state=WorkerState.loading)
     device = resolve_device(settings.device)
+    import diffusers
+    import transformers
+
     from model.pipeline import BoraPipeline
+
+    # Their tqdm bars would interleave non-JSON text with our log lines.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     started = time.perf_counter()
     pipeline = BoraPipeline.from_pretrained(settings.model_dir, device=device)
@@ -86,61 +98,99 @@ def load_runtime(
     metrics.update_gpu_memory(device)
     logger.info(
         "pipeline loaded",
-        extra={"model": pipeline.name, "weights_sha256": pipeline.weights_sha256, "device": device,
-               "dtype": dtype, "load_s": round(load_s, 3), "model_dir": str(settings.model_dir)},
+        extra={
+            "model": pipeline.name,
+            "weights_sha256": pipeline.weights_sha256,
+            "device": device,
+            "dtype": dtype,
+            "load_s": round(load_s, 3),
+            "model_dir": str(settings.model_dir),
+        },
     )
     return jobs.Runtime(
-        pipeline=pipeline, redis=r, settings=settings, storage=storage, metrics=metrics,
-        worker_id=worker_id, heartbeat=heartbeat, device=device, dtype=dtype,
+        pipeline=pipeline,
+        redis=r,
+        settings=settings,
+        storage=storage,
+        metrics=metrics,
+        worker_id=worker_id,
+        heartbeat=heartbeat,
+        device=device,
+        dtype=dtype,
     )
 
 
 def requeue_interrupted(rt: jobs.Runtime) -> None:
     """Put jobs stopped by the shutdown back on the queue (their state is already `queued`)."""
-    if not rt.requeue:
-        return
-    queue = Queue(rt.settings.queue_name, connection=rt.redis)
     for payload in rt.requeue:
-        queue.enqueue_call(
-            "worker.jobs.run_video_job", args=(payload.model_dump(mode="json"),), job_id=payload.job_id,
-            timeout=rt.settings.job_timeout_seconds, result_ttl=rt.settings.job_retention_seconds,
-            failure_ttl=rt.settings.rq_failure_ttl_seconds, at_front=True,
-        )
+        reaper.enqueue(rt.redis, rt.settings, payload)
         logger.info("job re-queued", extra={"job_id": payload.job_id, "request_id": payload.request_id})
     rt.requeue.clear()
 
 
-def run(settings: Settings, *, burst: bool = False, grace_s: float = DEFAULT_GRACE_S, log_level: str = "INFO") -> int:
+def start_reaper(
+    r: Redis, settings: Settings, stop: threading.Event, interval: float = REAP_INTERVAL_S
+) -> None:
+    """Recover jobs of dead workers every `interval` s in a daemon thread (see worker/reaper.py)."""
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                reaper.reap(r, settings)
+            except Exception:  # Redis down: try again next round
+                logger.warning("reaper pass failed", exc_info=True)
+
+    threading.Thread(target=loop, name="bora-reaper", daemon=True).start()
+
+
+def run(
+    settings: Settings, *, burst: bool = False, grace_s: float = DEFAULT_GRACE_S, log_level: str = "INFO"
+) -> int:
     worker_id = settings.worker_id or default_worker_id()
     metrics = WorkerMetrics()
     port = metrics.serve(settings.worker_metrics_port)
     state_redis = connect(settings)
     heartbeat = Heartbeat(
-        state_redis, prefix=settings.key_prefix, worker_id=worker_id,
-        interval=settings.heartbeat_interval_seconds, ttl=settings.heartbeat_ttl_seconds,
+        state_redis,
+        prefix=settings.key_prefix,
+        worker_id=worker_id,
+        interval=settings.heartbeat_interval_seconds,
+        ttl=settings.heartbeat_ttl_seconds,
     )
     heartbeat.start()
-    logger.info("worker starting", extra={"worker_id": worker_id, "metrics_port": port, "queue": settings.queue_name})
+    logger.info(
+        "worker starting", extra={"worker_id": worker_id, "metrics_port": port, "queue": settings.queue_name}
+    )
     try:
         rt = load_runtime(settings, metrics, heartbeat, worker_id, state_redis)
     except Exception as exc:
         logger.exception("worker start-up failed", extra={"worker_id": worker_id})
-        heartbeat.update(state=WorkerState.failed, detail=f"start-up failed: {type(exc).__name__}: {exc}"[:500])
+        heartbeat.update(
+            state=WorkerState.failed, detail=f"start-up failed: {type(exc).__name__}: {exc}"[:500]
+        )
         heartbeat.stop(remove=False)  # leave the `failed` heartbeat to expire so /readyz can say why
         return 1
     jobs.install(rt)
     heartbeat.update(
-        state=WorkerState.ready, model=rt.pipeline.name, weights_sha256=rt.pipeline.weights_sha256,
-        device=rt.device, dtype=rt.dtype,
+        state=WorkerState.ready,
+        model=rt.pipeline.name,
+        weights_sha256=rt.pipeline.weights_sha256,
+        device=rt.device,
+        dtype=rt.dtype,
     )
     # RQ blocks on the queue: its connection must not time out while idle.
     rq_redis = connect(settings, socket_timeout=None)
-    worker = BoraWorker([Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=worker_id)
+    worker = BoraWorker(
+        [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=worker_id
+    )
     worker.runtime = rt
     worker.grace_s = grace_s
+    stop_reaper = threading.Event()
+    start_reaper(state_redis, settings, stop_reaper)
     try:
         worker.work(burst=burst, logging_level=log_level)
     finally:
+        stop_reaper.set()
         heartbeat.update(state=WorkerState.stopping)
         requeue_interrupted(rt)
         heartbeat.stop(remove=True)
@@ -152,8 +202,12 @@ def run(settings: Settings, *, burst: bool = False, grace_s: float = DEFAULT_GRA
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.main", description=__doc__.splitlines()[0])
     parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
-                        help="seconds a running job may take to finish after SIGTERM before it is re-queued")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="seconds a running job may take to finish after SIGTERM before it is re-queued",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logs.configure(args.log_level)

@@ -23,7 +23,10 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.stage_duration = Histogram(
-            "bora_worker_stage_duration_seconds", "Time spent per job stage", ["stage"], buckets=_BUCKETS,
+            "bora_worker_stage_duration_seconds",
+            "Time spent per job stage",
+            ["stage"],
+            buckets=_BUCKETS,
             registry=r,
         )
         self.denoising_steps = Counter(
@@ -39,9 +42,13 @@ class WorkerMetrics:
         self.gpu_memory = Gauge(
             "bora_worker_gpu_memory_bytes", "Accelerator memory held by this process", ["kind"], registry=r
         )
-        self.jobs = Counter("bora_worker_jobs_total", "Jobs finished by this worker", ["status", "code"], registry=r)
+        self.jobs = Counter(
+            "bora_worker_jobs_total", "Jobs finished by this worker", ["status", "code"], registry=r
+        )
         self.info = Gauge(
-            "bora_worker_info", "The model this worker serves", ["model", "weights_sha256", "device", "dtype"],
+            "bora_worker_info",
+            "The model this worker serves",
+            ["model", "weights_sha256", "device", "dtype"],
             registry=r,
         )
         for kind in ("allocated", "reserved"):

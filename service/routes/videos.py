@@ -42,7 +42,8 @@ router = APIRouter(tags=["videos"])
 WORKER_FUNCTION = "worker.jobs.run_video_job"
 RQ_RESULT_TTL_SECONDS = 3600  # the result lives in our job hash; RQ's copy is only for debugging
 MAX_SEED_DRAWN = 2**31 - 1
-JobId = Annotated[str, Path(description="The job id returned at submission (`vid_…`).", max_length=128)]
+JobId = Annotated[str, Path(description="The job id returned at submission (`vid_…`).")]
+MAX_JOB_ID_CHARS = 128
 
 
 def present(record: JobRecord, settings: Settings) -> VideoJob:
@@ -60,7 +61,7 @@ def present(record: JobRecord, settings: Settings) -> VideoJob:
 
 def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRecord:
     """The caller's job, or 404 — also for another tenant's job, so ids leak nothing."""
-    record = jobstore.get(r, job_id, prefix=settings.key_prefix)
+    record = jobstore.get(r, job_id, prefix=settings.key_prefix) if len(job_id) <= MAX_JOB_ID_CHARS else None
     if record is None or record.tenant != tenant:
         raise JobNotFound(f"no job {job_id}", param="job_id")
     return record
@@ -71,7 +72,7 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     status_code=202,
     response_model=VideoJob,
     summary="Submit a video job",
-    responses=errors(413, 422, 429, 503),
+    responses=errors(400, 413, 422, 429, 503),
     response_description="Accepted: the job object; `Location` points at it. Poll it until it is terminal.",
 )
 @router.post(
@@ -79,7 +80,7 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     status_code=202,
     response_model=VideoJob,
     summary="Submit a video job (alias of POST /v1/videos)",
-    responses=errors(413, 422, 429, 503),
+    responses=errors(400, 413, 422, 429, 503),
 )
 def create_video(
     body: VideoCreate,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COMPOSE_FILE, REPO_ROOT, compose_env, require_binary
+from deploy_files import COMPOSE_FILE, REPO_ROOT, compose_env, require_binary
 
 SECRETS = (
     "REDIS_PASSWORD",

@@ -32,7 +32,10 @@ def test_text_preprocessing_cleans_twice_like_upstream(pairs):
     ("text", "expected"),
     [
         ("A close-up of the well-lit colon", "a close-up of the well-lit colon"),
-        ("a close-up, well-lit, high-res, t2-weighted view", "a close up, well lit, high res, t2 weighted view"),
+        (
+            "a close-up, well-lit, high-res, t2-weighted view",
+            "a close up, well lit, high res, t2 weighted view",
+        ),
         ("Sagittal MRI of the knee (knee cap)", "sagittal mri of the knee knee cap"),
         ("The patient’s heart", "the patient's heart"),
     ],

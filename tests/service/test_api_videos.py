@@ -127,7 +127,7 @@ def test_generate_alias_and_full_request(client):
 
 
 def test_get_unknown_and_odd_ids_are_404(client):
-    for job_id in ["vid_" + "0" * 32, "nope", "x" * 128, "..%2F..%2Fetc"]:
+    for job_id in ["vid_" + "0" * 32, "nope", "x" * 128, "y" * 5000, "..%2F..%2Fetc"]:
         response = client.get(f"/v1/videos/{job_id}")
         assert response.status_code == 404, (job_id, response.text)
         assert response.json()["error"]["type"] == "not_found_error"

@@ -43,8 +43,12 @@ class Env:
         self.r = r
         self.prefix = prefix
         self.settings = Settings(
-            redis_url=REDIS_URL, key_prefix=prefix, storage_dir=storage_dir, data_dir=storage_dir.parent,
-            worker_metrics_port=0, job_timeout_seconds=600,
+            redis_url=REDIS_URL,
+            key_prefix=prefix,
+            storage_dir=storage_dir,
+            data_dir=storage_dir.parent,
+            worker_metrics_port=0,
+            job_timeout_seconds=600,
         )
         self.queue = Queue(self.settings.queue_name, connection=r)
         self.job_ids: list[str] = []
@@ -57,8 +61,15 @@ class Env:
     def submit(self, model: str = "tiny", enqueue: bool = True, **overrides: Any) -> JobPayload:
         """Store a queued job and enqueue it the way the API does."""
         params: dict[str, Any] = dict(
-            prompt="a beating heart, ultrasound", num_frames=8, height=32, width=48, fps=8,
-            num_inference_steps=2, guidance_scale=7.0, sampler="ddim", seed=7,
+            prompt="a beating heart, ultrasound",
+            num_frames=8,
+            height=32,
+            width=48,
+            fps=8,
+            num_inference_steps=2,
+            guidance_scale=7.0,
+            sampler="ddim",
+            seed=7,
         )
         params.update(overrides)
         job_id = jobstore.new_job_id()
@@ -66,11 +77,24 @@ class Env:
         now = utcnow()
         inp = VideoInput(**params)
         record = JobRecord(
-            id=job_id, status=JobStatus.queued, stage=Stage.queued, created_at=now, updated_at=now, model=model,
-            input=inp, seed=inp.seed, request_id=f"req-{job_id[-6:]}", tenant="t1",
+            id=job_id,
+            status=JobStatus.queued,
+            stage=Stage.queued,
+            created_at=now,
+            updated_at=now,
+            model=model,
+            input=inp,
+            seed=inp.seed,
+            request_id=f"req-{job_id[-6:]}",
+            tenant="t1",
         )
         payload = JobPayload(
-            job_id=job_id, input=inp, seed=inp.seed, model=model, request_id=record.request_id, tenant="t1",
+            job_id=job_id,
+            input=inp,
+            seed=inp.seed,
+            model=model,
+            request_id=record.request_id,
+            tenant="t1",
             enqueued_at=now,
         )
         jobstore.create(self.r, record, prefix=self.prefix)
@@ -124,6 +148,12 @@ def make_runtime(env: Env) -> Any:
 
 def _runtime(env: Env, pipeline: Any, storage: Storage, **kwargs: Any) -> jobs.Runtime:
     return jobs.Runtime(
-        pipeline=pipeline, redis=env.r, settings=env.settings, storage=storage, metrics=WorkerMetrics(),
-        worker_id=f"{env.prefix}-w", upload_backoff_s=0.01, **kwargs,
+        pipeline=pipeline,
+        redis=env.r,
+        settings=env.settings,
+        storage=storage,
+        metrics=WorkerMetrics(),
+        worker_id=f"{env.prefix}-w",
+        upload_backoff_s=0.01,
+        **kwargs,
     )

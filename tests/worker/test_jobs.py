@@ -48,7 +48,9 @@ def progress_log(monkeypatch):
     real = jobstore.update_progress
 
     def spy(r, job_id, stage, step=None, total_steps=None, progress=None, eta_seconds=None, *, prefix):
-        writes.append({"stage": stage, "step": step, "total": total_steps, "progress": progress, "eta": eta_seconds})
+        writes.append(
+            {"stage": stage, "step": step, "total": total_steps, "progress": progress, "eta": eta_seconds}
+        )
         return real(r, job_id, stage, step, total_steps, progress, eta_seconds, prefix=prefix)
 
     monkeypatch.setattr(lifecycle.jobstore, "update_progress", spy)
@@ -75,7 +77,13 @@ def test_job_succeeds_end_to_end(env, runtime, progress_log, tiny_pipeline):
     values = [w["progress"] for w in progress_log]
     assert values == sorted(values) and values[-1] < 100
     stages = [w["stage"] for w in progress_log if w["step"] is None]
-    assert stages == [Stage.encoding_text, Stage.denoising, Stage.decoding, Stage.encoding_video, Stage.uploading]
+    assert stages == [
+        Stage.encoding_text,
+        Stage.denoising,
+        Stage.decoding,
+        Stage.encoding_video,
+        Stage.uploading,
+    ]
     steps = [(w["step"], w["total"]) for w in progress_log if w["step"] is not None]
     assert steps == [(1, 3), (2, 3), (3, 3)]
     assert all(w["eta"] is not None and w["eta"] >= 0 for w in progress_log if w["step"] is not None)
@@ -96,7 +104,10 @@ def test_job_succeeds_end_to_end(env, runtime, progress_log, tiny_pipeline):
     sidecar = json.loads(storage.read_bytes(out.sidecar.key))
     assert sidecar["label"] == SYNTHETIC_LABEL and sidecar["prompt"] == payload.input.prompt
     assert sidecar["seed"] == 7 and sidecar["params"]["num_inference_steps"] == 3
-    assert sidecar["model"]["name"] == "tiny" and sidecar["model"]["weights_sha256"] == tiny_pipeline.weights_sha256
+    assert (
+        sidecar["model"]["name"] == "tiny"
+        and sidecar["model"]["weights_sha256"] == tiny_pipeline.weights_sha256
+    )
     assert sidecar["software"]["bora-service"] and sidecar["request_id"] == payload.request_id
     assert {"denoising_s", "encode_s", "queue_wait_s"} <= set(sidecar["timings"])
 
@@ -231,7 +242,9 @@ def test_pipeline_failures_map_to_codes(env, make_runtime, tiny_pipeline, raises
     from model.errors import NumericalError
 
     exc = NumericalError("latent became NaN at step 2") if raises == "numerical" else raises
-    jobs.install(make_runtime(WrappedPipeline(tiny_pipeline, raises=exc), LocalStorage(env.settings.storage_dir)))
+    jobs.install(
+        make_runtime(WrappedPipeline(tiny_pipeline, raises=exc), LocalStorage(env.settings.storage_dir))
+    )
     try:
         payload = env.submit()
         env.work()
@@ -259,8 +272,9 @@ def test_cancel_while_running_stops_within_one_step(env, make_runtime, tiny_pipe
         if step_index == 0 and total == 6:
             jobstore.request_cancel(env.r, holder["id"], prefix=env.prefix)
 
-    rt = make_runtime(WrappedPipeline(tiny_pipeline, on_step=cancel_after_first),
-                      LocalStorage(env.settings.storage_dir))
+    rt = make_runtime(
+        WrappedPipeline(tiny_pipeline, on_step=cancel_after_first), LocalStorage(env.settings.storage_dir)
+    )
     jobs.install(rt)
     try:
         payload = env.submit(num_inference_steps=6)
@@ -280,8 +294,10 @@ def test_cancel_while_running_stops_within_one_step(env, make_runtime, tiny_pipe
 
 
 def test_time_limit_fails_timeout(env, make_runtime, tiny_pipeline):
-    rt = make_runtime(WrappedPipeline(tiny_pipeline, on_step=lambda i, n: time.sleep(1.1)),
-                      LocalStorage(env.settings.storage_dir))
+    rt = make_runtime(
+        WrappedPipeline(tiny_pipeline, on_step=lambda i, n: time.sleep(1.1)),
+        LocalStorage(env.settings.storage_dir),
+    )
     rt.settings = env.settings.model_copy(update={"job_timeout_seconds": 1})
     jobs.install(rt)
     try:
@@ -302,7 +318,9 @@ def test_shutdown_past_grace_requeues(env, make_runtime, tiny_pipeline):
             holder["fired"] = True
             holder["rt"].shutdown.set()
 
-    rt = make_runtime(WrappedPipeline(tiny_pipeline, on_step=shutdown_once), LocalStorage(env.settings.storage_dir))
+    rt = make_runtime(
+        WrappedPipeline(tiny_pipeline, on_step=shutdown_once), LocalStorage(env.settings.storage_dir)
+    )
     holder["rt"] = rt
     jobs.install(rt)
     try:

@@ -6,7 +6,16 @@ import pytest
 
 from service import heartbeats, jobstore
 from service.errors import InvalidTransition
-from service.schemas import FileOutput, JobStatus, JobWarning, Outputs, Stage, Timings, VideoOutput, WorkerState
+from service.schemas import (
+    FileOutput,
+    JobStatus,
+    JobWarning,
+    Outputs,
+    Stage,
+    Timings,
+    VideoOutput,
+    WorkerState,
+)
 from worker import errors
 from worker.lifecycle import Heartbeat, JobLifecycle
 from worker.logs import JsonFormatter
@@ -14,14 +23,34 @@ from worker.metrics import WorkerMetrics
 
 
 def _life(env, payload, metrics=None):
-    return JobLifecycle(env.r, env.prefix, payload.job_id, "w1", metrics or WorkerMetrics(),
-                        request_id=payload.request_id, tenant=payload.tenant, input=payload.input)
+    return JobLifecycle(
+        env.r,
+        env.prefix,
+        payload.job_id,
+        "w1",
+        metrics or WorkerMetrics(),
+        request_id=payload.request_id,
+        tenant=payload.tenant,
+        input=payload.input,
+    )
 
 
 def _outputs(job_id):
-    video = VideoOutput(url="/x", key=f"videos/{job_id}/video.mp4", bytes=10, content_type="video/mp4",
-                        sha256="0" * 64, width=48, height=32, frames=8, fps=8, duration_s=1.0)
-    return Outputs(video=video, sidecar=FileOutput(url="/y", key="k", bytes=1, content_type="application/json"))
+    video = VideoOutput(
+        url="/x",
+        key=f"videos/{job_id}/video.mp4",
+        bytes=10,
+        content_type="video/mp4",
+        sha256="0" * 64,
+        width=48,
+        height=32,
+        frames=8,
+        fps=8,
+        duration_s=1.0,
+    )
+    return Outputs(
+        video=video, sidecar=FileOutput(url="/y", key="k", bytes=1, content_type="application/json")
+    )
 
 
 def test_success_path_and_counters(env):
@@ -53,7 +82,11 @@ def test_failure_and_cancel(env):
     life.start(None)
     record = life.fail(errors.OutOfMemory("too big"))
     assert record.status == JobStatus.failed
-    assert (record.error.code, record.error.message, record.error.retryable) == ("out_of_memory", "too big", True)
+    assert (record.error.code, record.error.message, record.error.retryable) == (
+        "out_of_memory",
+        "too big",
+        True,
+    )
     # a second terminal transition is refused quietly
     assert life.cancel() is None and life.fail(errors.Internal("x")) is None
 

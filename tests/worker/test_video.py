@@ -13,7 +13,7 @@ def _frames(t: int, h: int, w: int) -> np.ndarray:
     for i in range(t):
         out[i, ..., 0] = (xx + 4 * i) % 256
         out[i, ..., 1] = (yy * 255 // max(h - 1, 1)).astype(np.uint8)
-        out[i, ..., 2] = (i * 255 // max(t - 1, 1))
+        out[i, ..., 2] = i * 255 // max(t - 1, 1)
     return out
 
 
@@ -50,7 +50,11 @@ def test_odd_counts_and_non_square(tmp_path, shape):
 
 @pytest.mark.parametrize(
     "frames",
-    [np.zeros((2, 64, 64), np.uint8), np.zeros((2, 64, 64, 3), np.float32), np.zeros((2, 63, 64, 3), np.uint8)],
+    [
+        np.zeros((2, 64, 64), np.uint8),
+        np.zeros((2, 64, 64, 3), np.float32),
+        np.zeros((2, 63, 64, 3), np.uint8),
+    ],
 )
 def test_rejects_bad_frames(tmp_path, frames):
     with pytest.raises(ValueError):
