@@ -37,8 +37,8 @@ def main() -> None:
     mask = torch.ones(n, 120, dtype=torch.long, device=device)
     mask[:, 30:] = 0  # a typical prompt is ~30 tokens
 
-    def model_fn(x, t, y_, m):
-        return model(x.to(dtype), t, y_, m)
+    def model_fn(x, t, y_, mask=None):
+        return model(x.to(dtype), t, y_, mask)
 
     def sync():
         if device.type == "cuda":

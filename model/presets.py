@@ -98,31 +98,46 @@ def _remove_tree(path: Path) -> None:
 def assemble_bora(checkpoint: str | Path, vae_dir: str | Path, t5_dir: str | Path, out: str | Path,
                   stdit_config: dict | None = None) -> Path:
     """Build a `bora` pipeline folder from the three downloads users have: the Bora checkpoint (any format
-    `load_state_dict` reads), the `sd-vae-ft-ema` folder and the `t5-v1_1-xxl` folder. Each part is checked
-    before anything is written."""
+    `load_state_dict` reads), the `sd-vae-ft-ema` folder (config.json + diffusion_pytorch_model.safetensors or
+    .bin) and the `t5-v1_1-xxl` folder (config.json, `spiece.model`, weights as pytorch_model.bin, shards +
+    index, or safetensors; full T5ForConditionalGeneration or encoder-only). Every part is checked and loaded
+    before anything is written; a mismatch raises CheckpointError. The folder keeps T5's encoder only and
+    the tokenizer as `tokenizer.json`, so loading it later needs no sentencepiece."""
     import torch
+    from diffusers import AutoencoderKL
+    from transformers import T5EncoderModel
 
     from model.errors import CheckpointError
     from model.loading import load_stdit
     from model.pipeline import BoraPipeline
-    from model.text_encoder import T5TextEncoder
+    from model.text_encoder import T5TextEncoder, load_tokenizer
     from model.vae import VideoVAE
 
     config = dict(stdit_config or BORA_STDIT)
     vae_dir, t5_dir = Path(vae_dir), Path(t5_dir)
     vae_config = _read_config(vae_dir, "VAE")
-    if vae_config.get("latent_channels") != config["in_channels"] or len(vae_config["block_out_channels"]) != 4:
+    if (vae_config.get("latent_channels") != config["in_channels"]
+            or len(vae_config.get("block_out_channels", ())) != 4):
         raise CheckpointError(f"{vae_dir} is not an SD VAE with {config['in_channels']} latent channels and 8× "
-                              f"spatial downsampling (like sd-vae-ft-ema)")
+                              f"spatial downsampling (like sd-vae-ft-ema); its config.json has "
+                              f"latent_channels={vae_config.get('latent_channels')}")
     t5_config = _read_config(t5_dir, "T5")
-    if t5_config.get("d_model") != config["caption_channels"]:
-        raise CheckpointError(f"{t5_dir} has d_model={t5_config.get('d_model')} but the STDiT expects "
+    if t5_config.get("model_type") != "t5" or t5_config.get("d_model") != config["caption_channels"]:
+        raise CheckpointError(f"{t5_dir} is a {t5_config.get('model_type')!r} model with "
+                              f"d_model={t5_config.get('d_model')} but the STDiT expects a T5 with "
                               f"caption_channels={config['caption_channels']} (t5-v1_1-xxl has 4096)")
+    tokenizer = load_tokenizer(t5_dir)
+    if len(tokenizer) > t5_config.get("vocab_size", 0):
+        raise CheckpointError(f"{t5_dir}: the tokenizer has {len(tokenizer)} tokens but T5's embedding only "
+                              f"{t5_config.get('vocab_size')}")
+
     transformer = load_stdit(checkpoint, config, device="cpu", dtype=torch.float32)
+    t5 = _load_complete(T5EncoderModel, t5_dir, "T5 encoder", dtype=torch.float32)
+    vae = _load_complete(AutoencoderKL, vae_dir, "VAE", torch_dtype=torch.float32)
     pipe = BoraPipeline(
         transformer=transformer,
-        text_encoder=T5TextEncoder.from_pretrained(t5_dir, t5_dir, device="cpu", dtype=torch.float32),
-        vae=VideoVAE.from_pretrained(vae_dir),
+        text_encoder=T5TextEncoder(t5, tokenizer, device="cpu"),
+        vae=VideoVAE(vae),
         defaults=BORA_DEFAULTS,
         name="bora",
     )
@@ -135,7 +150,28 @@ def _read_config(folder: Path, label: str) -> dict:
 
     from model.errors import CheckpointError
 
+    if not folder.is_dir():
+        raise CheckpointError(f"{label} folder {folder} does not exist")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{label} folder {folder} has no config.json")
     return json.loads(config_file.read_text())
+
+
+def _load_complete(model_class, folder: Path, label: str, **kwargs):
+    """`model_class.from_pretrained(folder)`, refusing what transformers/diffusers only warn about: weights
+    missing from the files (they would be left random). Weights the class does not use (T5's decoder) are
+    skipped."""
+    from model.errors import CheckpointError
+
+    try:
+        model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                                  **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{label} folder {folder}: cannot load its weights ({e})") from e
+    missing = sorted(info["missing_keys"])
+    if missing:
+        more = f", ... ({len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{label} folder {folder}: {len(missing)} weights missing from its files: "
+                              f"{', '.join(missing[:5])}{more}")
+    return model.eval()

@@ -18,9 +18,42 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, T5EncoderModel
+from transformers import AutoTokenizer, T5EncoderModel, T5Tokenizer
 
+from model.errors import CheckpointError
 from model.text_preprocessing import text_preprocessing
+
+# Checked at load time: a converted sentencepiece model must encode this exactly as sentencepiece does.
+_PROBE_TEXT = "a close-up MRI scan of the brain, 3D rendering; ultrasound (Doppler) at 40% speed"
+
+
+def load_tokenizer(directory: str | Path):
+    """The T5 tokenizer of a folder: ``tokenizer.json`` (what ``save_pretrained`` writes) or, as in the
+    ``t5-v1_1-xxl`` download, only ``spiece.model`` + ``tokenizer_config.json``.
+
+    A sentencepiece model is converted by naming ``T5Tokenizer`` explicitly: ``AutoTokenizer`` falls back
+    to an empty generic backend when ``tokenizer_config.json`` names no class and no ``config.json`` says
+    ``t5``. The conversion is then checked against sentencepiece itself (same pieces in the same order,
+    same ids for a probe text ending in ``</s>``), so a silently wrong vocabulary cannot get through.
+    """
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    spiece = directory / "spiece.model"
+    if not spiece.is_file():
+        raise CheckpointError(f"{directory} holds no tokenizer (neither tokenizer.json nor spiece.model)")
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+    tokenizer = T5Tokenizer.from_pretrained(str(directory), local_files_only=True)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    if tokenizer.convert_ids_to_tokens(list(range(len(pieces)))) != pieces:
+        raise CheckpointError(f"{spiece}: the converted tokenizer does not have the sentencepiece model's "
+                              f"{len(pieces)} pieces in order (it has {len(tokenizer)} tokens)")
+    expected = sp.encode(_PROBE_TEXT) + [sp.eos_id()]
+    if tokenizer(_PROBE_TEXT)["input_ids"] != expected:
+        raise CheckpointError(f"{spiece}: the converted tokenizer encodes text differently from sentencepiece")
+    return tokenizer
 
 
 class T5TextEncoder:
@@ -89,7 +122,7 @@ class T5TextEncoder:
         """Load T5 and its tokenizer from local folders only (nothing is downloaded)."""
         if dtype == torch.float16:  # fail before loading gigabytes of weights
             raise ValueError("T5 cannot run in float16; use torch.float32 or torch.bfloat16")
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        tokenizer = load_tokenizer(tokenizer_dir)
         t5 = T5EncoderModel.from_pretrained(str(text_encoder_dir), local_files_only=True, dtype=dtype)
         return cls(
             t5,

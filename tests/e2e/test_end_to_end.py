@@ -104,6 +104,7 @@ def service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service]:
         if keys:
             r.delete(*keys)
         r.srem("rq:workers", f"{svc.prefix}-worker")
+        r.srem("rq:queues", f"rq:queue:{svc.prefix}-videos")
 
 
 def test_submit_poll_download(service: Service, tmp_path: Path) -> None:

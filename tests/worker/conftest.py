@@ -115,6 +115,7 @@ class Env:
         if keys:
             self.r.delete(*keys)
         self.r.srem("rq:workers", f"{self.prefix}-w")
+        self.r.srem("rq:queues", f"rq:queue:{self.settings.queue_name}")
 
 
 @pytest.fixture
