@@ -229,19 +229,30 @@ def get(r: Redis, job_id: str, *, prefix: str) -> JobRecord | None:
     keys = Keys(prefix)
     pipe = r.pipeline(transaction=False)
     pipe.hgetall(keys.job(job_id))
-    pipe.lpos(keys.rq_queue, job_id)
-    pipe.lrange(keys.stats_durations, 0, DURATIONS_KEPT - 1)
+    queue_info_commands(pipe, job_id, prefix=prefix)
     fields, position, durations = pipe.execute()
     if not fields:
         return None
-    record = decode(_strings(fields))
-    if record.status == JobStatus.queued and position is not None:
-        update: dict[str, Any] = {"queue_position": int(position) + 1}
-        recent = [float(d) for d in durations]
-        if recent:
-            update["eta_seconds"] = round((int(position) + 1) * sum(recent) / len(recent), 1)
-        record = record.model_copy(update=update)
-    return record
+    return with_queue_info(decode(_strings(fields)), position, durations)
+
+
+def queue_info_commands(pipe: Pipeline, job_id: str, *, prefix: str) -> None:
+    """Queue the two reads `with_queue_info` needs (LPOS in the RQ queue, recent durations) on `pipe`."""
+    keys = Keys(prefix)
+    pipe.lpos(keys.rq_queue, job_id)
+    pipe.lrange(keys.stats_durations, 0, DURATIONS_KEPT - 1)
+
+
+def with_queue_info(record: JobRecord, position: Any, durations: Sequence[Any]) -> JobRecord:
+    """A queued record with `queue_position` (1 = next) and a rough `eta_seconds`: position × the mean
+    duration of recent successful jobs."""
+    if record.status != JobStatus.queued or position is None:
+        return record
+    update: dict[str, Any] = {"queue_position": int(position) + 1}
+    recent = [float(d) for d in durations]
+    if recent:
+        update["eta_seconds"] = round((int(position) + 1) * sum(recent) / len(recent), 1)
+    return record.model_copy(update=update)
 
 
 def queue_position(r: Redis, job_id: str, *, prefix: str) -> int | None:

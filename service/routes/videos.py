@@ -141,11 +141,11 @@ def create_video(
         description=f"video {record.id}",
         pipeline=pipe,
     )
-    pipe.execute()
+    jobstore.queue_info_commands(pipe, record.id, prefix=settings.key_prefix)
+    *_, position, durations = pipe.execute()
     metrics.jobs_submitted.labels(spec.name).inc()
     response.headers["Location"] = f"{(settings.public_base_url or '').rstrip('/')}/v1/videos/{record.id}"
-    stored = jobstore.get(r, record.id, prefix=settings.key_prefix) or record
-    return present(stored, settings)
+    return present(jobstore.with_queue_info(record, position, durations), settings)
 
 
 @router.get("/v1/videos", response_model=JobList, summary="List jobs, newest first", responses=errors(422, 503))
