@@ -162,7 +162,8 @@ def list_videos(
         raise InvalidRequest(f"limit must be at most {settings.list_max_limit}", param="query.limit")
     records, next_cursor = jobstore.list_jobs(r, limit, cursor, tenant, prefix=settings.key_prefix)
     return JobList(
-        data=[present(record, settings) for record in records],
+        # Without a tenant (auth off) the global index is read; another tenant's job is never shown.
+        data=[present(record, settings) for record in records if record.tenant == tenant],
         next_cursor=next_cursor,
         has_more=next_cursor is not None,
     )

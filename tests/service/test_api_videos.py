@@ -251,3 +251,9 @@ def test_openapi_documents_bodies_and_error_schema(client):
         operation = next(iter(spec["paths"][path].values()))
         assert "404" in operation["responses"], path
     assert client.get("/docs").status_code == 200
+
+
+def test_list_never_shows_another_tenants_jobs(client, redis_conn, settings):
+    mine = client.post("/v1/videos", json={"prompt": "p"}).json()["id"]
+    jobstore.create(redis_conn, queued_record(tenant="hospital-b"), prefix=settings.key_prefix)
+    assert [j["id"] for j in client.get("/v1/videos").json()["data"]] == [mine]
