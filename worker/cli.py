@@ -107,7 +107,7 @@ def serve() -> None:
     """Run the API and one worker on embedded defaults (embedded Redis if none answers), until Ctrl-C."""
     from service.devserver import main
 
-    main()
+    raise typer.Exit(main())
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def cancel_video(
     ),
     response_class=Response,
     responses={
-        200: {"content": {"video/mp4": {}, "image/jpeg": {}}, "description": "The file."},
+        200: {"content": {"video/mp4": {}, "image/jpeg": {}, "application/json": {}}, "description": "The file."},
         206: {"description": "Partial content (Range)."},
         307: {"description": "Redirect to a presigned object-storage URL."},
         **errors(404, 409, 422, 503),
@@ -219,17 +219,20 @@ def get_video_content(
     r: RedisDep,
     storage: StorageDep,
     tenant: TenantDep,
-    variant: Annotated[Literal["video", "thumbnail"], Query(description="`thumbnail`: a JPEG poster frame.")] = "video",
+    variant: Annotated[
+        Literal["video", "thumbnail", "metadata"],
+        Query(description="`thumbnail`: a JPEG poster frame; `metadata`: the JSON sidecar."),
+    ] = "video",
 ) -> Response:
     record = load(r, job_id, settings, tenant)
     if record.status != JobStatus.succeeded or record.outputs is None:
         code = "video_not_ready" if not record.status.terminal else "video_unavailable"
         raise Conflict(f"job {job_id} is {record.status.value}; content exists only once it succeeded", code=code)
-    output = record.outputs.video if variant == "video" else record.outputs.thumbnail
+    output = getattr(record.outputs, "sidecar" if variant == "metadata" else variant)
     if output is None:
         raise NotFound(f"job {job_id} has no {variant}", code="content_not_found", param="variant")
-    extension = "mp4" if variant == "video" else "jpg"
-    filename = f"{job_id}.{extension}" if variant == "video" else f"{job_id}-thumbnail.{extension}"
+    filename = {"video": f"{job_id}.mp4", "thumbnail": f"{job_id}-thumbnail.jpg",
+                "metadata": f"{job_id}-metadata.json"}[variant]
     url = storage.presigned_url(output.key, settings.presign_ttl_seconds, filename=filename)
     if url is not None:
         return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})

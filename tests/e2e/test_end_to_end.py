@@ -6,6 +6,7 @@ submit over HTTP → queue_position falls → running (progress rises) → succe
 """
 
 from __future__ import annotations
+import json
 
 import os
 import secrets
@@ -175,6 +176,9 @@ def test_submit_poll_download(service: Service, tmp_path: Path) -> None:
     assert info["faststart"] and info["tags"]["comment"] == SYNTHETIC_LABEL
     thumb = client.get(job["outputs"]["thumbnail"]["url"])
     assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
+    sidecar = client.get(job["outputs"]["sidecar"]["url"])
+    assert sidecar.status_code == 200 and sidecar.headers["content-type"].startswith("application/json")
+    assert sidecar.json()["seed"] == 0 and "AI-generated" in json.dumps(sidecar.json(), ensure_ascii=False)
 
     api_metrics = client.get("/metrics").text
     assert 'bora_jobs_submitted_total{model="tiny"} 3.0' in api_metrics
