@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 BORA_DATA_DIR ?= ./data
 BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
-export BORA_DATA_DIR BORA_MODEL_DIR
+# The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
+BORA_AUTH ?= disabled
 
 .PHONY: install run test tiny lint bench
 
@@ -21,13 +22,14 @@ tiny: install
 	@test -f $(BORA_MODEL_DIR)/model_index.json || $(BIN)/bora make-tiny $(BORA_MODEL_DIR)
 
 run: tiny
-	$(BIN)/bora serve
+	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_DIR=$(BORA_MODEL_DIR) BORA_AUTH=$(BORA_AUTH) $(BIN)/bora serve
 
 test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check model service worker tests bench
+	$(BIN)/mypy service worker
 
 bench: tiny
 	$(BIN)/python bench/stdit_speed.py
