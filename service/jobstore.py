@@ -42,7 +42,7 @@ from service.schemas import (
 )
 
 # Fields stored as JSON in the job hash; every other field is a plain string.
-JSON_FIELDS = frozenset({"input", "outputs", "error", "timings", "warnings", "metadata"})
+JSON_FIELDS = frozenset({"input", "outputs", "error", "timings", "warnings", "metadata", "webhook"})
 DURATIONS_KEPT = 50
 
 
@@ -123,6 +123,7 @@ def decode(fields: dict[str, str]) -> JobRecord:
 
 # ARGV[1] is a JSON spec: {allowed: [status...], status: new|"", set: {field: str}, del: [field...],
 # incr: {field: n}, stat: "status:code"|"", ttl: bool, push: "value"|""}. KEYS: job, stats, durations.
+# Every applied transition bumps the hash's `version` (the job's change counter: live event ids).
 # Returns {1, previous_status} when applied, {0, current_status} when not allowed, {-1, ""} when missing.
 _TRANSITION_LUA = """
 local spec = cjson.decode(ARGV[1])
@@ -131,6 +132,7 @@ if not cur then return {-1, ''} end
 local allowed = false
 for _, s in ipairs(spec['allowed']) do if s == cur then allowed = true end end
 if not allowed then return {0, cur} end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
 if spec['status'] ~= '' then redis.call('HSET', KEYS[1], 'status', spec['status']) end
 for k, v in pairs(spec['set']) do redis.call('HSET', KEYS[1], k, v) end
 for _, k in ipairs(spec['del']) do redis.call('HDEL', KEYS[1], k) end

@@ -33,7 +33,6 @@ import typer
 
 KEY_PREFIX = "bora"
 ITERATIONS = 10_000
-DEFAULT_KEYS_FILE = Path("data/api-keys.json")
 # Tenants end up inside Redis keys (`P:tenant:{t}:jobs`, `P:idem:{t}:...`): keep them boring.
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CACHE_LIMIT = 1024
@@ -172,22 +171,32 @@ class KeyStore:
         return str(record["tenant"])
 
 
-# --- `bora keys ...` (mounted by the lead on the main CLI) -------------------------------------------------
+# --- `bora keys ...` (mounted on the main CLI in worker/cli.py) -----------------------------------------
 
 keys_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Manage API keys (hashed, per tenant).")
 
 KeysFile = Annotated[
-    Path,
-    typer.Option("--file", envvar="BORA_API_KEYS_FILE", help="Key file (default: $BORA_API_KEYS_FILE)"),
+    Path | None,
+    typer.Option("--file", help="Key file (default: the API's, $BORA_API_KEYS_FILE or $BORA_DATA_DIR/api-keys.json)"),
 ]
+
+
+def _keys_file(file: Path | None) -> Path:
+    """The file given, else the one the API reads (its settings, so the two can never disagree)."""
+    if file is not None:
+        return file
+    from service.config import Settings
+
+    return Settings().api_keys_file  # type: ignore[return-value]  # derived, never None
 
 
 @keys_app.command("create")
 def create_command(
     tenant: Annotated[str, typer.Option("--tenant", help="Tenant the key acts for")],
-    file: KeysFile = DEFAULT_KEYS_FILE,
+    file: KeysFile = None,
 ) -> None:
     """Create a key; it is printed once, as the last line, and only its hash is stored."""
+    file = _keys_file(file)
     try:
         key = create_key(file, tenant)
     except ValueError as error:
@@ -198,17 +207,23 @@ def create_command(
 
 
 @keys_app.command("list")
-def list_command(file: KeysFile = DEFAULT_KEYS_FILE) -> None:
+def list_command(file: KeysFile = None) -> None:
     """List keys: id, tenant, created, status. Secrets are never stored, so never shown."""
+    file = _keys_file(file)
     for key in list_keys(file):
         status = "revoked" if key["revoked"] else "active"
         typer.echo(f"{key['key_id']}\t{key['tenant']}\t{key['created_at']}\t{status}")
 
 
 @keys_app.command("revoke")
-def revoke_command(key_id: Annotated[str, typer.Argument()], file: KeysFile = DEFAULT_KEYS_FILE) -> None:
+def revoke_command(key_id: Annotated[str, typer.Argument()], file: KeysFile = None) -> None:
     """Revoke a key by id; the API stops accepting it at its next request."""
+    file = _keys_file(file)
     if not revoke_key(file, key_id):
         typer.echo(f"no key {key_id} in {file}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")
+
+
+if __name__ == "__main__":  # `python -m service.keys create --tenant NAME`: works in the torch-free API image
+    keys_app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,13 +10,15 @@ from typing import Any
 from fastapi import FastAPI
 from rq import Queue
 
-from service import handlers
+from service import auth, handlers, reaper
+from service.admission import Admission
 from service.config import Settings, get_settings
 from service.connection import connect
+from service.keys import KeyStore
 from service.metrics import ApiMetrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.models import MODELS
-from service.routes import health, videos
+from service.routes import events, health, videos, webhooks
 from service.storage import make_storage
 
 DESCRIPTION = """Text-to-video for biomedical prompts. Submit a job (`POST /v1/videos`, answered 202 at once),
@@ -29,7 +32,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Jobs of dead workers are recovered even while no worker runs (each worker runs a reaper too).
+        stop_reaper = threading.Event()
+        if settings.reaper_in_api:
+            reaper.start(redis, settings, stop_reaper, storage=app.state.storage)
         yield
+        stop_reaper.set()
         redis.close()
 
     app = FastAPI(title="Bora video API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -38,14 +46,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = Queue(settings.queue_name, connection=redis, default_timeout=settings.job_timeout_seconds)
     app.state.storage = make_storage(settings)
     app.state.model_spec = MODELS[settings.model_preset]
+    app.state.keys = KeyStore(settings.api_keys_file)  # type: ignore[arg-type]  # derived, never None
+    app.state.admission = Admission(redis, settings)
     app.state.metrics = ApiMetrics(
         redis, prefix=settings.key_prefix, heartbeat_ttl_seconds=settings.heartbeat_ttl_seconds
     )
     app.include_router(videos.router)
+    app.include_router(events.router)
+    app.include_router(webhooks.router)
     app.include_router(health.router)
     handlers.install(app)
+    auth.document(app, settings)
     # Added last = outermost: metrics see every answer, including 413s from the body cap.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(auth.AuthMiddleware, settings=settings, keys=app.state.keys)  # 401 before the body is read
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

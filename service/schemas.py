@@ -70,9 +70,40 @@ class ErrorCode(StrEnum):
 Sampler = Literal["iddpm", "ddim", "dpm-solver++"]
 SAMPLERS: tuple[str, ...] = ("iddpm", "ddim", "dpm-solver++")
 
+WebhookEvent = Literal["video.started", "video.progress", "video.succeeded", "video.failed", "video.canceled"]
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "video.started", "video.progress", "video.succeeded", "video.failed", "video.canceled"
+)
+# `video.progress` (up to one per 10 % of progress) is opt-in: it is the chatty one.
+DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("video.started", "video.succeeded", "video.failed", "video.canceled")
+MAX_WEBHOOK_URL_CHARS = 2048
+
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
 StrictInt = Annotated[int, Field(strict=True)]
+
+
+class WebhookCreate(BaseModel):
+    """Where to POST signed notifications of this job's state changes (Standard Webhooks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=MAX_WEBHOOK_URL_CHARS)] = Field(
+        description="https URL whose host is in the server's webhook allowlist (BORA_WEBHOOK_ALLOWED_HOSTS)."
+    )
+    events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        description="Events to send; default every one except `video.progress`.",
+    )
+
+
+class Webhook(BaseModel):
+    """A job's webhook as stored and shown: the URL and the events it receives."""
+
+    url: str
+    events: list[WebhookEvent]
 
 
 class VideoCreate(BaseModel):
@@ -116,6 +147,9 @@ class VideoCreate(BaseModel):
     model: str | None = Field(None, max_length=64, description="Model preset; must be the one this server serves.")
     metadata: dict[MetadataKey, MetadataValue] | None = Field(
         None, max_length=MAX_METADATA_KEYS, description="Small free-form client reference, echoed back."
+    )
+    webhook: WebhookCreate | None = Field(
+        None, description="Signed POSTs on state changes; the secret is `GET /v1/webhook-secret`."
     )
 
 
@@ -213,6 +247,8 @@ class VideoJob(BaseModel):
     outputs: Outputs | None = None
     timings: Timings | None = None
     error: JobError | None = None
+    webhook: Webhook | None = None
+    version: int = Field(0, ge=0, description="Bumped by every change of the job; the id of its live events.")
 
 
 class JobRecord(VideoJob):
@@ -242,6 +278,33 @@ class JobPayload(BaseModel):
     tenant: str | None = None
     metadata: dict[str, str] | None = None
     enqueued_at: datetime | None = None
+
+
+class WebhookAttempt(BaseModel):
+    """One delivery attempt of one webhook message (`msg_id` is the same for every retry of a message)."""
+
+    attempt: int
+    at: datetime
+    event: str
+    msg_id: str
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+    next_attempt_in_s: float | None = Field(None, description="Seconds until the retry; null: no retry.")
+
+
+class WebhookAttemptList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookAttempt] = Field(description="Oldest first; the last 100 are kept.")
+
+
+class WebhookSecret(BaseModel):
+    """The caller's webhook signing secret (`whsec_…`), for verifying our `webhook-signature` headers."""
+
+    object: Literal["webhook_secret"] = "webhook_secret"
+    tenant: str | None = None
+    secret: str
 
 
 class JobList(BaseModel):

@@ -12,19 +12,16 @@ https only; no credentials in the URL; redirects are never followed (a 3xx count
 a redirect would leave the allowlist. The allowlist names hosts, not addresses: an operator who lists a host
 vouches for what it resolves to. `trust_env=False` keeps proxy variables from rerouting deliveries.
 
-Retries: `BACKOFF_SECONDS[n]` is the wait before attempt n+1, covering a bit over 27 h in total. The RQ task
-(worker side) is, in outline:
+Retries: `BACKOFF_SECONDS[n]` is the wait before attempt n+1, covering a bit over 27 h in total
+(BORA_WEBHOOK_BACKOFF_SECONDS replaces it, e.g. with seconds in tests).
 
-    def send_webhook(job_id, event, payload, url, tenant, attempt=1, msg_id=...):
-        record = deliver_attempt(r, queue, prefix=..., job_id=job_id, event=event, payload=payload, url=url,
-                                 secret=tenant_webhook_secret(settings.webhook_secret, tenant), attempt=attempt,
-                                 msg_id=msg_id, allowed_hosts=settings.webhook_allowed_hosts,
-                                 func="worker.webhooks.send_webhook", extra={"tenant": tenant})
-
-`deliver_attempt` delivers, appends the attempt to the Redis list `{prefix}:job:{id}:webhooks` (what the API
-shows) and, on failure, re-enqueues the same task with `attempt + 1` via `queue.enqueue_in(delay, ...)`.
-`enqueue_in` needs a worker started with `with_scheduler=True`. The tenant, not the secret, travels in the
-RQ job, so no secret is written to Redis.
+Flow: a job state change (worker/lifecycle.py; the API for a cancel while queued) calls `enqueue_event`, which
+builds the signed-to-be body once and enqueues `service.webhook_sender.send_webhook` on `{prefix}-webhooks`.
+That task calls `deliver_attempt`: it delivers, appends the attempt to the Redis list
+`{prefix}:job:{id}:webhooks` (what `GET /v1/videos/{id}/webhook-attempts` shows) and, on failure, re-enqueues
+the same task with `attempt + 1` via `queue.enqueue_in(delay, ...)` - run by `python -m
+service.webhook_sender`, an RQ worker started with its scheduler. The tenant, not the secret, travels in the
+RQ job, so no secret is written to Redis; the sender derives it (`secret_for`).
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ import ipaddress
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,8 +41,11 @@ from urllib.parse import urlsplit
 import httpx
 from redis import Redis
 
+from service.config import Settings
+from service.schemas import WEBHOOK_EVENTS, JobRecord
+
 SECRET_PREFIX = "whsec_"
-EVENTS = ("video.started", "video.progress", "video.succeeded", "video.failed", "video.canceled")
+EVENTS = WEBHOOK_EVENTS
 # Wait before attempt 2, 3, ...: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h  (sum: 27.6 h).
 BACKOFF_SECONDS = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
 MAX_ATTEMPTS = len(BACKOFF_SECONDS)
@@ -224,9 +224,10 @@ def deliver(
     return record
 
 
-def next_delay(attempt: int) -> int | None:
-    """Seconds to wait before retrying after failed attempt number `attempt` (1-based); None = give up."""
-    return BACKOFF_SECONDS[attempt] if attempt < MAX_ATTEMPTS else None
+def next_delay(attempt: int, backoff: Sequence[float] = BACKOFF_SECONDS) -> float | None:
+    """Seconds to wait before retrying after failed attempt number `attempt` (1-based); None = give up.
+    `backoff[n]` is the wait before attempt n+1 (`backoff[0]` is unused), so `len(backoff)` attempts in all."""
+    return backoff[attempt] if attempt < len(backoff) else None
 
 
 # --- attempt log in Redis ----------------------------------------------------------------------------------
@@ -270,6 +271,7 @@ def deliver_attempt(
     allow_http_loopback: bool = False,
     timeout: float = 10.0,
     ttl: int = 7 * 24 * 3600,
+    backoff: Sequence[float] = BACKOFF_SECONDS,
 ) -> dict[str, Any]:
     """One attempt of the RQ task: check the destination (again - the allowlist may have changed), deliver,
     record, and schedule `func(job_id=..., event=..., payload=..., url=..., attempt=n+1, msg_id=..., **extra)`
@@ -284,7 +286,7 @@ def deliver_attempt(
         record_attempt(r, prefix, job_id, record, ttl)
         return record  # a policy refusal is not retried
     record = deliver(url, event, body, secret, timeout, attempt=attempt, msg_id=msg_id)
-    delay = None if record["ok"] else next_delay(attempt)
+    delay = None if record["ok"] else next_delay(attempt, backoff)
     record["next_attempt_in_s"] = delay
     record_attempt(r, prefix, job_id, record, ttl)
     if delay is not None:
@@ -292,3 +294,45 @@ def deliver_attempt(
                   "attempt": attempt + 1, "msg_id": msg_id, **(extra or {})}
         queue.enqueue_in(timedelta(seconds=delay), func, kwargs=kwargs, job_timeout=int(timeout) + 30)
     return record
+
+
+# --- events from job state ---------------------------------------------------------------------------------
+
+SEND_FUNCTION = "service.webhook_sender.send_webhook"
+PROGRESS_EVERY = 10.0  # percentage points between two `video.progress` events of one job
+TASK_RESULT_TTL = 3600
+
+
+def queue_name(prefix: str) -> str:
+    """The RQ queue of webhook deliveries (run by `python -m service.webhook_sender`, never by a GPU worker)."""
+    return f"{prefix}-webhooks"
+
+
+def enqueue_event(r: Redis, job: JobRecord, event: str, *, prefix: str) -> str | None:
+    """Queue the first delivery attempt of `event` for `job` if the job's webhook asked for it; returns the
+    message id (None: nothing to send). The body is built now, so its timestamp is when the change happened
+    and every retry sends the same bytes. The tenant travels with the task; the secret never does."""
+    hook = job.webhook
+    if hook is None or event not in hook.events:
+        return None
+    from rq import Queue  # here, so that importing this module for signatures does not need rq
+
+    msg_id = new_message_id()
+    body = event_body(event, job.public().model_dump(mode="json"))
+    Queue(queue_name(prefix), connection=r).enqueue_call(
+        SEND_FUNCTION,
+        kwargs={"job_id": job.id, "event": event, "payload": body.decode(), "url": hook.url,
+                "tenant": job.tenant, "attempt": 1, "msg_id": msg_id},
+        timeout=120,
+        result_ttl=TASK_RESULT_TTL,
+        failure_ttl=7 * 24 * 3600,
+        description=f"webhook {event} {job.id}",
+    )
+    return msg_id
+
+
+def secret_for(settings: Settings, tenant: str | None) -> str | None:
+    """The tenant's signing secret (tenant "" when auth is off); None when webhooks are off (no master)."""
+    if settings.webhook_secret is None:
+        return None
+    return tenant_webhook_secret(settings.webhook_secret.get_secret_value(), tenant or "")

@@ -11,7 +11,10 @@ from typing import Annotated
 
 import typer
 
+from service.keys import keys_app
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app.add_typer(keys_app, name="keys")
 
 DEFAULT_TINY_DIR = Path("data/models/tiny")
 

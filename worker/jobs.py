@@ -24,7 +24,10 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service import reaper
 from service.config import Settings
 from service.errors import InvalidTransition, JobNotFound
 from service.errors import StorageError as ServiceStorageError
@@ -60,6 +63,7 @@ STAGE_PROGRESS = {
     Stage.uploading: 97.0,
 }
 DENOISE_START, DENOISE_END = 5.0, 90.0
+REDIS_LOST = (RedisConnectionError, RedisTimeoutError)  # Redis unreachable, as opposed to a job failure
 
 
 @dataclass
@@ -81,6 +85,8 @@ class Runtime:
     # is re-queued (by worker/main.py after the RQ loop returns).
     shutdown: threading.Event = field(default_factory=threading.Event)
     requeue: list[JobPayload] = field(default_factory=list)
+    # Jobs abandoned because Redis went away mid-job; worker/main.py re-queues them once it is back.
+    lost: list[str] = field(default_factory=list)
     current_job: str | None = None
 
 
@@ -129,7 +135,11 @@ def run_video_job(payload: dict[str, Any]) -> dict[str, Any]:
             life = JobLifecycle(rt.redis, prefix, job_id, rt.worker_id, rt.metrics)
             life.fail(errors.InvalidInput(f"the job payload is invalid: {exc.error_count()} error(s)"))
         return {"job_id": job_id, "status": JobStatus.failed.value, "code": "invalid_input"}
-    return VideoJobRun(rt, job).run()
+    try:
+        return VideoJobRun(rt, job).run()
+    except REDIS_LOST:
+        rt.lost.append(job.job_id)
+        raise
 
 
 class VideoJobRun:
@@ -216,6 +226,10 @@ class VideoJobRun:
         from model.errors import Interrupted
 
         self._close_stage()
+        if isinstance(exc, REDIS_LOST):
+            # Its state cannot be written now: it stays `running`, and worker/main.py re-queues it.
+            self._delete_uploaded()
+            raise exc
         if isinstance(exc, Interrupted) and self.interrupt_reason == "timeout":
             err: errors.WorkerError = errors.Timeout(
                 f"the job ran past its limit of {self.rt.settings.job_timeout_seconds} s"
@@ -420,12 +434,17 @@ class VideoJobRun:
                 time.sleep(delay)
 
     def _delete_uploaded(self) -> None:
-        """A failed job leaves no objects behind (each object was atomic; this removes the set)."""
+        """A failed job leaves no objects behind (each object was atomic; this removes the set). Keys that
+        cannot be deleted now (storage down) are left to the reaper, which deletes them once it can."""
         for key in self.uploaded:
             try:
                 self.rt.storage.delete(key)
             except Exception:  # noqa: BLE001 - best effort; the job's failure is what matters
-                self.life.audit("job.cleanup_failed", logging.WARNING, key=key)
+                self.life.audit("job.cleanup_deferred", logging.WARNING, key=key)
+                try:
+                    reaper.defer_delete(self.rt.redis, self.rt.settings.key_prefix, self.job.job_id, key)
+                except Exception:  # noqa: BLE001 - Redis down too: the log line names the key
+                    self.life.audit("job.cleanup_failed", logging.ERROR, key=key)
         self.uploaded.clear()
 
     # -- results ----------------------------------------------------------------------------------------

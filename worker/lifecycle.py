@@ -18,7 +18,7 @@ from typing import Any
 
 from redis import Redis
 
-from service import heartbeats, jobstore
+from service import heartbeats, jobstore, webhooks
 from service.errors import InvalidTransition
 from service.schemas import (
     JobRecord,
@@ -60,6 +60,8 @@ class JobLifecycle:
     tenant: str | None = None
     input: VideoInput | None = None
     _last_progress: float = field(default=0.0, init=False)
+    _progress_notified: float = field(default=0.0, init=False)
+    _wants_progress: bool = field(default=False, init=False)
 
     # -- logging ----------------------------------------------------------------------------------------
 
@@ -91,6 +93,9 @@ class JobLifecycle:
         )
         self._last_progress = 0.0
         self.audit("job.running", attempt=record.attempts)
+        self._wants_progress = record.webhook is not None and "video.progress" in record.webhook.events
+        self._progress_notified = 0.0
+        self.notify("video.started", record)
         return record
 
     def progress(
@@ -116,6 +121,9 @@ class JobLifecycle:
         )
         if step is None:
             self.audit("job.stage", stage=stage.value)
+        if self._wants_progress and self._last_progress >= self._progress_notified + webhooks.PROGRESS_EVERY:
+            self._progress_notified = self._last_progress
+            self.notify("video.progress")
         return status
 
     def warn(self, warnings: list[JobWarning]) -> None:
@@ -133,6 +141,7 @@ class JobLifecycle:
             video_sha256=outputs.video.sha256,
             video_key=outputs.video.key,
         )
+        self.notify("video.succeeded", record)
         return record
 
     def fail(self, error: WorkerError, timings: Timings | None = None) -> JobRecord | None:
@@ -152,6 +161,7 @@ class JobLifecycle:
             return None
         self.metrics.job_finished("failed", error.code)
         self.audit("job.failed", logging.WARNING, outcome="failed", code=error.code, error=error.message)
+        self.notify("video.failed", record)
         return record
 
     def cancel(self) -> JobRecord | None:
@@ -162,6 +172,7 @@ class JobLifecycle:
             return None
         self.metrics.job_finished("canceled", "canceled")
         self.audit("job.canceled", outcome="canceled")
+        self.notify("video.canceled", record)
         return record
 
     def requeue(self, reason: str) -> JobRecord:
@@ -171,6 +182,15 @@ class JobLifecycle:
             "job.requeued", logging.WARNING, outcome="requeued", reason=reason, attempt=record.attempts
         )
         return record
+
+    def notify(self, event: str, record: JobRecord | None = None) -> None:
+        """Queue the job's webhook for `event` (if it asked for one). A failure here never fails the job."""
+        try:
+            record = record or jobstore.get(self.r, self.job_id, prefix=self.prefix)
+            if record is not None and webhooks.enqueue_event(self.r, record, event, prefix=self.prefix):
+                self.audit("job.webhook_queued", webhook_event=event)
+        except Exception:
+            logger.warning("webhook not queued", extra={"job_id": self.job_id, "webhook_event": event}, exc_info=True)
 
     def status(self) -> JobStatus | None:
         record = jobstore.get(self.r, self.job_id, prefix=self.prefix)

@@ -7,33 +7,42 @@ torch has run deadlocks, and the model must stay resident).
 SIGTERM/SIGINT (warm shutdown): stop taking jobs and let the current one finish; if it is still running
 after `--grace` seconds (or on a second signal) it stops between denoising steps and is re-queued for
 another worker. The exit code is 0 after a clean stop, 1 when start-up failed (the heartbeat then says
-`failed` with the reason until its TTL runs out).
+`failed` with the reason until its TTL runs out) or when RQ's loop ended for no reason we know of (a
+supervisor restarts the process).
+
+Redis outage: RQ's loop rides out an outage while idle (it retries the dequeue, every 2 s at most here); if
+Redis goes away mid-job, the job stops at its next state write and the loop ends. The process then waits for
+Redis (the model stays loaded), re-queues the jobs it abandoned (or fails them `worker_lost` after
+`reaper_max_attempts` runs), and starts a fresh loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import threading
 import time
 from typing import Any
 
 from prometheus_client import disable_created_metrics
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 
+from service import reaper
 from service.config import Settings, get_settings
 from service.connection import connect
 from service.schemas import WorkerState
 from service.storage import make_storage
-from worker import jobs, logs, reaper
+from worker import jobs, logs
 from worker.lifecycle import Heartbeat, default_worker_id
 from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 30.0
-REAP_INTERVAL_S = 10.0
+REDIS_WAIT_LOG_S = 10.0  # while waiting for Redis to come back, log this often
 
 
 class BoraWorker(SimpleWorker):
@@ -41,9 +50,12 @@ class BoraWorker(SimpleWorker):
 
     runtime: jobs.Runtime
     grace_s: float = DEFAULT_GRACE_S
+    max_connection_wait_time = 2.0  # RQ backs off up to 60 s between reconnects; recover sooner
+    stop_signaled = False
     _grace_timer: threading.Timer | None = None
 
     def handle_warm_shutdown_request(self) -> None:
+        self.stop_signaled = True
         super().handle_warm_shutdown_request()
         rt = self.runtime
         if rt.heartbeat:
@@ -62,6 +74,11 @@ class BoraWorker(SimpleWorker):
             "second stop signal: interrupting the current job", extra={"job_id": self.runtime.current_job}
         )
         self.runtime.shutdown.set()
+
+    def execute_job(self, job: Any, queue: Queue) -> None:
+        super().execute_job(job, queue)
+        if self.runtime.lost:  # the job lost Redis: end this loop so run() re-queues it and starts anew
+            raise RedisError("Redis was lost during a job")
 
 
 def resolve_device(setting: str) -> str:
@@ -118,6 +135,8 @@ def load_runtime(
         heartbeat=heartbeat,
         device=device,
         dtype=dtype,
+        upload_attempts=settings.upload_attempts,
+        upload_backoff_s=settings.upload_backoff_seconds,
     )
 
 
@@ -127,21 +146,6 @@ def requeue_interrupted(rt: jobs.Runtime) -> None:
         reaper.enqueue(rt.redis, rt.settings, payload)
         logger.info("job re-queued", extra={"job_id": payload.job_id, "request_id": payload.request_id})
     rt.requeue.clear()
-
-
-def start_reaper(
-    r: Redis, settings: Settings, stop: threading.Event, interval: float = REAP_INTERVAL_S
-) -> None:
-    """Recover jobs of dead workers every `interval` s in a daemon thread (see worker/reaper.py)."""
-
-    def loop() -> None:
-        while not stop.wait(interval):
-            try:
-                reaper.reap(r, settings)
-            except Exception:  # Redis down: try again next round
-                logger.warning("reaper pass failed", exc_info=True)
-
-    threading.Thread(target=loop, name="bora-reaper", daemon=True).start()
 
 
 def run(
@@ -181,23 +185,74 @@ def run(
     )
     # RQ blocks on the queue: its connection must not time out while idle.
     rq_redis = connect(settings, socket_timeout=None)
-    worker = BoraWorker(
-        [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=worker_id
-    )
-    worker.runtime = rt
-    worker.grace_s = grace_s
     stop_reaper = threading.Event()
-    start_reaper(state_redis, settings, stop_reaper)
+    reaper.start(state_redis, settings, stop_reaper, storage=rt.storage)
+    status = 0
     try:
-        worker.work(burst=burst, logging_level=log_level)
+        while True:
+            worker = BoraWorker(
+                [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=worker_id
+            )
+            worker.runtime = rt
+            worker.grace_s = grace_s
+            redis_lost = False
+            try:
+                worker.work(burst=burst, logging_level=log_level)
+            except RedisError:  # RQ's teardown could not reach Redis either
+                redis_lost = True
+            if worker.stop_signaled or rt.shutdown.is_set() or (burst and not (redis_lost or rt.lost)):
+                break
+            if not (redis_lost or rt.lost):
+                logger.error("the RQ loop ended unexpectedly; exiting", extra={"worker_id": worker_id})
+                status = 1
+                break
+            logger.error("lost Redis; waiting for it", extra={"worker_id": worker_id, "lost_jobs": rt.lost})
+            if not recover(rt, worker):
+                break  # told to stop while waiting
     finally:
         stop_reaper.set()
         heartbeat.update(state=WorkerState.stopping)
-        requeue_interrupted(rt)
+        try:
+            requeue_interrupted(rt)
+        except RedisError:  # Redis is down: the reaper of another process will find these jobs
+            logger.warning("could not re-queue interrupted jobs", exc_info=True)
         heartbeat.stop(remove=True)
         jobs.install(None)
-        logger.info("worker stopped", extra={"worker_id": worker_id})
-    return 0
+        logger.info("worker stopped", extra={"worker_id": worker_id, "status": status})
+    return status
+
+
+def recover(rt: jobs.Runtime, worker: BoraWorker) -> bool:
+    """After RQ's loop lost Redis: wait until Redis answers, then re-queue the jobs this worker abandoned
+    (reaper rules: re-queue, or `worker_lost` after max attempts) and clear RQ's stale entries for it.
+    True when done; False when SIGTERM/SIGINT arrived meanwhile (the other reapers then handle the jobs)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    waited = 0.0
+    try:
+        while not stop.is_set():
+            try:
+                rt.redis.ping()
+                try:
+                    worker.unsubscribe()
+                except RedisError:
+                    pass
+                worker.register_death()  # else RQ refuses a new loop under this name ("active worker")
+                done = reaper.reap(rt.redis, rt.settings, dead_worker=rt.worker_id, job_ids=rt.lost)
+                logger.warning(
+                    "Redis is back", extra={"worker_id": rt.worker_id, "jobs": done, "waited_s": waited}
+                )
+                rt.lost.clear()
+                return True
+            except RedisError:
+                stop.wait(0.5)
+                waited += 0.5
+                if waited % REDIS_WAIT_LOG_S == 0:
+                    logger.warning("still waiting for Redis", extra={"waited_s": waited})
+        return False
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from service import jobstore
+from service import idempotency, jobstore, webhooks
+from service.audit import audit
 from service.config import Settings
 from service.deps import (
+    AdmissionDep,
     MetricsDep,
     ModelSpecDep,
     QueueDep,
@@ -27,6 +32,7 @@ from service.errors import Conflict, InvalidRequest, JobNotFound, NotFound
 from service.models import normalize
 from service.routes.responses import errors
 from service.schemas import (
+    DEFAULT_WEBHOOK_EVENTS,
     JobList,
     JobPayload,
     JobRecord,
@@ -34,15 +40,29 @@ from service.schemas import (
     Stage,
     VideoCreate,
     VideoJob,
+    Webhook,
+    WebhookCreate,
     utcnow,
 )
 
 router = APIRouter(tags=["videos"])
+logger = logging.getLogger(__name__)
 
 WORKER_FUNCTION = "worker.jobs.run_video_job"
 RQ_RESULT_TTL_SECONDS = 3600  # the result lives in our job hash; RQ's copy is only for debugging
 MAX_SEED_DRAWN = 2**31 - 1
 JobId = Annotated[str, Path(description="The job id returned at submission (`vid_…`).")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=r"^[!-~]{1,255}$",
+        description="Makes a retried submission safe: the same key with the same body returns the job the first "
+        "request created (202, `Idempotent-Replayed: true`) instead of creating another; with another body, 409. "
+        "Keys are kept 24 h per tenant. 1-255 printable ASCII characters, e.g. a UUID.",
+    ),
+]
+IDEMPOTENCY_GRACE_SECONDS = 30  # a claimed key whose job never appeared after this long is free again
 MAX_JOB_ID_CHARS = 128
 
 
@@ -59,6 +79,34 @@ def present(record: JobRecord, settings: Settings) -> VideoJob:
     return job
 
 
+def accept_webhook(hook: WebhookCreate, settings: Settings) -> Webhook:
+    """The request's webhook, checked against the destination allowlist now (422), not at delivery time."""
+    param = "body.webhook.url"
+    if not settings.webhook_hosts:
+        raise InvalidRequest(
+            "webhooks are off on this server: its destination allowlist (BORA_WEBHOOK_ALLOWED_HOSTS) is empty",
+            code="webhook_not_allowed",
+            param=param,
+        )
+    try:
+        webhooks.check_destination(hook.url, settings.webhook_hosts, settings.webhook_allow_http_loopback)
+    except webhooks.DestinationRejected as exc:
+        raise InvalidRequest(
+            f"{exc}: webhooks go only to https URLs on hosts the operator allowlisted", code="webhook_not_allowed",
+            param=param,
+        ) from None
+    events = list(dict.fromkeys(hook.events)) if hook.events else list(DEFAULT_WEBHOOK_EVENTS)
+    return Webhook(url=hook.url, events=events)  # type: ignore[arg-type]
+
+
+def notify(r: Redis, record: JobRecord, event: str, settings: Settings) -> None:
+    """Queue the job's webhook for `event`, if it has one; the state change stands even if this fails."""
+    try:
+        webhooks.enqueue_event(r, record, event, prefix=settings.key_prefix)
+    except Exception:
+        logger.warning("webhook not queued", extra={"job_id": record.id, "webhook_event": event}, exc_info=True)
+
+
 def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRecord:
     """The caller's job, or 404 — also for another tenant's job, so ids leak nothing."""
     record = jobstore.get(r, job_id, prefix=settings.key_prefix) if len(job_id) <= MAX_JOB_ID_CHARS else None
@@ -67,12 +115,43 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     return record
 
 
+def claim_idempotency_key(
+    r: Redis, settings: Settings, tenant: str, key: str, body: VideoCreate, job_id: str
+) -> JobRecord | None:
+    """None: the key is now ours, go create `job_id`. A record: the job an earlier request with the same key
+    and body created (replay it). 409 when the key came with another body, or its job is still being written."""
+    fingerprint = idempotency.body_sha256(body.model_dump(mode="json", exclude_unset=True))
+    ttl = min(idempotency.TTL_SECONDS, settings.job_retention_seconds)  # never outlive the job it names
+    for _ in range(2):
+        existing, other_body = idempotency.claim(r, settings.key_prefix, tenant, key, fingerprint, job_id, ttl)
+        if existing is None:
+            return None
+        if other_body:
+            raise Conflict(
+                "this Idempotency-Key was already used with another request body; use a new key for a new job",
+                code="idempotency_key_reused",
+                param="header.Idempotency-Key",
+            )
+        record = jobstore.get(r, existing, prefix=settings.key_prefix)
+        if record is not None and record.tenant == tenant:
+            return record
+        if not idempotency.abandoned(r, settings.key_prefix, tenant, key, existing, IDEMPOTENCY_GRACE_SECONDS):
+            break
+        idempotency.release(r, settings.key_prefix, tenant, key, existing)  # its request died: take the key over
+    raise Conflict(
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+        code="idempotency_key_in_use",
+        param="header.Idempotency-Key",
+        headers={"Retry-After": "1"},
+    )
+
+
 @router.post(
     "/v1/videos",
     status_code=202,
     response_model=VideoJob,
     summary="Submit a video job",
-    responses=errors(400, 413, 422, 429, 503),
+    responses=errors(400, 409, 413, 422, 429, 503),
     response_description="Accepted: the job object; `Location` points at it. Poll it until it is terminal.",
 )
 @router.post(
@@ -80,7 +159,7 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     status_code=202,
     response_model=VideoJob,
     summary="Submit a video job (alias of POST /v1/videos)",
-    responses=errors(400, 413, 422, 429, 503),
+    responses=errors(400, 409, 413, 422, 429, 503),
 )
 def create_video(
     body: VideoCreate,
@@ -92,7 +171,10 @@ def create_video(
     metrics: MetricsDep,
     request_id: RequestIdDep,
     tenant: TenantDep,
+    admission: AdmissionDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> VideoJob:
+    admission.check_rate(tenant)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN + 1)
     normalized, warnings = normalize(
         body,
@@ -101,6 +183,7 @@ def create_video(
         max_prompt_chars=settings.max_prompt_chars,
         max_metadata_bytes=settings.max_metadata_bytes,
     )
+    webhook = accept_webhook(body.webhook, settings) if body.webhook is not None else None
     now = utcnow()
     record = JobRecord(
         id=jobstore.new_job_id(),
@@ -113,6 +196,7 @@ def create_video(
         seed=seed,
         warnings=warnings,
         metadata=body.metadata,
+        webhook=webhook,
         tenant=tenant,
         request_id=request_id,
         retention_s=settings.job_retention_seconds,
@@ -127,24 +211,40 @@ def create_video(
         metadata=body.metadata,
         enqueued_at=now,
     )
-    # The job record and the RQ entry are written in one MULTI/EXEC: both exist, or neither.
-    pipe = r.pipeline(transaction=True)
-    pipe.multi()  # explicit, so RQ queues its commands on our transaction instead of opening one
-    jobstore.create(r, record, prefix=settings.key_prefix, pipeline=pipe)
-    queue.enqueue_call(
-        WORKER_FUNCTION,
-        args=(payload.model_dump(mode="json"),),
-        job_id=record.id,
-        timeout=settings.job_timeout_seconds,
-        result_ttl=RQ_RESULT_TTL_SECONDS,
-        failure_ttl=settings.rq_failure_ttl_seconds,
-        description=f"video {record.id}",
-        pipeline=pipe,
-    )
-    jobstore.queue_info_commands(pipe, record.id, prefix=settings.key_prefix)
-    *_, position, durations = pipe.execute()
+    base_url = (settings.public_base_url or "").rstrip("/")
+    if idempotency_key is not None:
+        original = claim_idempotency_key(r, settings, tenant, idempotency_key, body, record.id)
+        if original is not None:
+            response.headers["Location"] = f"{base_url}/v1/videos/{original.id}"
+            response.headers["Idempotent-Replayed"] = "true"
+            return present(original, settings)
+    try:
+        admission.reserve(tenant, record.id)  # 429 over the tenant's or the global queue cap
+        # The job record and the RQ entry are written in one MULTI/EXEC: both exist, or neither.
+        pipe = r.pipeline(transaction=True)
+        pipe.multi()  # explicit, so RQ queues its commands on our transaction instead of opening one
+        jobstore.create(r, record, prefix=settings.key_prefix, pipeline=pipe)
+        queue.enqueue_call(
+            WORKER_FUNCTION,
+            args=(payload.model_dump(mode="json"),),
+            job_id=record.id,
+            timeout=settings.job_timeout_seconds,
+            result_ttl=RQ_RESULT_TTL_SECONDS,
+            failure_ttl=settings.rq_failure_ttl_seconds,
+            description=f"video {record.id}",
+            pipeline=pipe,
+        )
+        jobstore.queue_info_commands(pipe, record.id, prefix=settings.key_prefix)
+        *_, position, durations = pipe.execute()
+    except BaseException:
+        admission.release(tenant, record.id)
+        if idempotency_key is not None:
+            with contextlib.suppress(RedisError):  # else the claim is abandoned and taken over later
+                idempotency.release(r, settings.key_prefix, tenant, idempotency_key, record.id)
+        raise
     metrics.jobs_submitted.labels(spec.name).inc()
-    response.headers["Location"] = f"{(settings.public_base_url or '').rstrip('/')}/v1/videos/{record.id}"
+    audit("job.created", record, outcome="queued", request_id=request_id, webhook=webhook is not None)
+    response.headers["Location"] = f"{base_url}/v1/videos/{record.id}"
     return present(jobstore.with_queue_info(record, position, durations), settings)
 
 
@@ -162,7 +262,7 @@ def list_videos(
         raise InvalidRequest(f"limit must be at most {settings.list_max_limit}", param="query.limit")
     records, next_cursor = jobstore.list_jobs(r, limit, cursor, tenant, prefix=settings.key_prefix)
     return JobList(
-        # Without a tenant (auth off) the global index is read; another tenant's job is never shown.
+        # The tenant's own index; the filter is a second guard that another tenant's job is never shown.
         data=[present(record, settings) for record in records if record.tenant == tenant],
         next_cursor=next_cursor,
         has_more=next_cursor is not None,
@@ -185,7 +285,12 @@ def get_video(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantD
     responses=errors(404, 409, 503),
 )
 def cancel_video(
-    job_id: JobId, settings: SettingsDep, r: RedisDep, queue: QueueDep, tenant: TenantDep
+    job_id: JobId,
+    settings: SettingsDep,
+    r: RedisDep,
+    queue: QueueDep,
+    tenant: TenantDep,
+    request_id: RequestIdDep,
 ) -> VideoJob:
     load(r, job_id, settings, tenant)
     record = jobstore.request_cancel(r, job_id, prefix=settings.key_prefix)
@@ -194,6 +299,9 @@ def cancel_video(
             Job.fetch(job_id, connection=queue.connection).delete(remove_from_queue=True)
         except NoSuchJobError:
             pass
+        notify(r, record, "video.canceled", settings)
+    event = "job.canceled" if record.status == JobStatus.canceled else "job.cancel_requested"
+    audit(event, record, outcome=record.status.value, request_id=request_id)
     return present(record, settings)
 
 

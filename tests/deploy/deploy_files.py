@@ -42,6 +42,7 @@ def compose_env(**overrides: str) -> dict[str, str]:
         BORA_S3_ACCESS_KEY_ID="test-bora-key",
         BORA_S3_SECRET_ACCESS_KEY="test-bora-secret",
         GRAFANA_ADMIN_PASSWORD="test-grafana-password",
+        BORA_WEBHOOK_SECRET="test-webhook-master-secret",
     )
     env.update(overrides)
     return env

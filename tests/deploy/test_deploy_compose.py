@@ -19,9 +19,10 @@ SECRETS = (
     "BORA_S3_ACCESS_KEY_ID",
     "BORA_S3_SECRET_ACCESS_KEY",
     "GRAFANA_ADMIN_PASSWORD",
+    "BORA_WEBHOOK_SECRET",
 )
-CORE_SERVICES = {"redis", "minio", "minio-setup", "api", "worker", "prometheus", "grafana"}
-LONG_RUNNING = {"redis", "minio", "api", "worker", "worker-cpu", "prometheus", "grafana"}
+CORE_SERVICES = {"redis", "minio", "minio-setup", "api", "webhooks", "worker", "prometheus", "grafana"}
+LONG_RUNNING = {"redis", "minio", "api", "webhooks", "worker", "worker-cpu", "prometheus", "grafana"}
 _REFERENCE = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?P<op>:\?|\?|:-|-)?(?P<arg>[^}]*)\}")
 _SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|ROOT_USER|REDISCLI_AUTH")
 

@@ -113,6 +113,7 @@ def stack(tmp_path, tiny_model_dir) -> Iterator[dict[str, Any]]:
         BORA_STORAGE="local", BORA_STORAGE_DIR=str(storage_dir), BORA_MODEL_PRESET="tiny",
         BORA_MODEL_DIR=str(tiny_model_dir), BORA_DEVICE="cpu", BORA_WORKER_METRICS_PORT=str(worker_port),
         BORA_HOST="127.0.0.1", BORA_PORT=str(api_port), BORA_HEARTBEAT_INTERVAL_SECONDS="1",
+        BORA_AUTH="disabled",  # loopback only; keys and tenants are tested in tests/service
         HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
     )
     prom_dir = tmp_path / "prometheus"

@@ -6,8 +6,8 @@ submit over HTTP → queue_position falls → running (progress rises) → succe
 """
 
 from __future__ import annotations
-import json
 
+import json
 import os
 import secrets
 import signal
@@ -58,6 +58,7 @@ class Service:
             "BORA_MODEL_DIR": str(model_dir),
             "BORA_DEVICE": "cpu",
             "BORA_HOST": "127.0.0.1",
+            "BORA_AUTH": "disabled",  # loopback only; keys and tenants are tested in tests/service
             "BORA_PORT": str(self.api_port),
             "BORA_WORKER_METRICS_PORT": str(self.metrics_port),
             "BORA_WORKER_ID": f"{self.prefix}-worker",

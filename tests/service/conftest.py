@@ -1,5 +1,8 @@
 """Service test fixtures: real Redis (DB 11, a unique key prefix per test, cleaned up), the app, storage.
 
+Auth is on, as in production: `api_key` is a key for tenant `TENANT` in the test's own key file, and `client`
+sends it on every request. Other tenants come from `key_for(settings, tenant)`.
+
 Every key a test creates carries its prefix or one of its job ids, and is deleted afterwards, so tests never
 touch other users of the DB (other suites use other DB indexes too).
 """
@@ -22,6 +25,7 @@ from redis import Redis
 
 from service import heartbeats, jobstore
 from service.config import Settings
+from service.keys import create_key
 from service.main import create_app
 from service.schemas import (
     ImageOutput,
@@ -40,6 +44,7 @@ from service.schemas import (
 from service.storage import LocalStorage, output_key
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
+TENANT = "tenant-a"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -79,16 +84,34 @@ def prefix(redis_conn: Redis) -> Iterator[str]:
 
 @pytest.fixture
 def settings(prefix: str, tmp_path: Path) -> Settings:
-    return Settings(redis_url=REDIS_URL, key_prefix=prefix, data_dir=tmp_path / "data", storage="local")
+    # A roomy submission burst: tests that are not about admission control should not meet it.
+    return Settings(
+        redis_url=REDIS_URL, key_prefix=prefix, data_dir=tmp_path / "data", storage="local", rate_limit_burst=1000
+    )
+
+
+def key_for(settings: Settings, tenant: str) -> str:
+    """A new API key for `tenant` in the settings' key file (the API picks it up without a restart)."""
+    return create_key(settings.api_keys_file, tenant)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+def api_key(settings: Settings) -> str:
+    return key_for(settings, TENANT)
+
+
+@pytest.fixture
+def client(settings: Settings, api_key: str) -> Iterator[TestClient]:
+    """The app with auth on, sending `TENANT`'s key on every request."""
+    with TestClient(create_app(settings), raise_server_exceptions=False, headers=bearer(api_key)) as c:
         yield c
 
 
-def queued_record(job_id: str | None = None, *, tenant: str | None = None, **input_overrides) -> JobRecord:
+def queued_record(job_id: str | None = None, *, tenant: str | None = TENANT, **input_overrides) -> JobRecord:
     params = dict(
         prompt="a beating heart", num_frames=16, height=64, width=64, fps=8, num_inference_steps=10,
         guidance_scale=7.0, sampler="iddpm", seed=7,
@@ -137,6 +160,11 @@ def bora_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(
         BORA_REDIS_URL=settings.redis_url or REDIS_URL, BORA_KEY_PREFIX=settings.key_prefix,
         BORA_DATA_DIR=str(settings.data_dir), BORA_STORAGE=settings.storage,
+        BORA_AUTH=settings.auth, BORA_API_KEYS_FILE=str(settings.api_keys_file),
+        BORA_RATE_LIMIT_PER_SECOND=str(settings.rate_limit_per_second),
+        BORA_RATE_LIMIT_BURST=str(settings.rate_limit_burst),
+        BORA_MAX_QUEUED_PER_TENANT=str(settings.max_queued_per_tenant),
+        BORA_MAX_QUEUED_TOTAL=str(settings.max_queued_total),
     )
     env.update(extra)
     return env

@@ -9,7 +9,7 @@ from rq import Queue
 from rq.job import Job
 
 from service import jobstore
-from tests.service.conftest import queued_record
+from tests.service.conftest import TENANT, queued_record
 
 BOUND_CASES = [
     # (field overrides, failing param)
@@ -186,7 +186,7 @@ def test_list_skips_expired_jobs(client, redis_conn, settings):
     ids = [client.post("/v1/videos", json={"prompt": f"p{i}"}).json()["id"] for i in range(3)]
     redis_conn.delete(jobstore.Keys(settings.key_prefix).job(ids[1]))  # as if its TTL ran out
     assert [j["id"] for j in client.get("/v1/videos").json()["data"]] == [ids[2], ids[0]]
-    assert redis_conn.zscore(jobstore.Keys(settings.key_prefix).jobs, ids[1]) is None
+    assert redis_conn.zscore(jobstore.Keys(settings.key_prefix).tenant_jobs(TENANT), ids[1]) is None
 
 
 def test_queue_position_falls(client, redis_conn, settings):

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from service import jobstore
 from service.config import Settings
 from service.main import create_app
-from tests.service.conftest import finish_like_worker
+from tests.service.conftest import bearer, finish_like_worker
 
 VIDEO = bytes(range(256)) * 40  # 10240 bytes, content checkable by offset
 THUMB = b"\xff\xd8\xff\xe0 fake jpeg \xff\xd9"
@@ -77,9 +77,9 @@ def test_missing_thumbnail_and_missing_file_are_404(client, redis_conn, settings
     assert response.status_code == 404 and response.json()["error"]["code"] == "content_missing"
 
 
-def test_public_base_url_makes_urls_absolute(redis_conn, settings):
+def test_public_base_url_makes_urls_absolute(redis_conn, settings, api_key):
     settings = settings.model_copy(update={"public_base_url": "https://bora.example/"})
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=bearer(api_key)) as client:
         response = client.post("/v1/videos", json={"prompt": "p"})
         job_id = response.json()["id"]
         assert response.headers["location"] == f"https://bora.example/v1/videos/{job_id}"
@@ -98,12 +98,12 @@ def s3_settings(settings: Settings, s3_server: str) -> Settings:
     )
 
 
-def test_s3_content_redirects_to_a_fresh_presigned_url(redis_conn, s3_settings, s3_server, tmp_path):
+def test_s3_content_redirects_to_a_fresh_presigned_url(redis_conn, s3_settings, s3_server, tmp_path, api_key):
     from service import storage as storage_mod
 
     store = storage_mod.make_storage(s3_settings)
     store.create_bucket()
-    with TestClient(create_app(s3_settings)) as client:
+    with TestClient(create_app(s3_settings), headers=bearer(api_key)) as client:
         job_id = submit(client)
         jobstore.mark_running(redis_conn, job_id, "w", prefix=s3_settings.key_prefix)
         from service.schemas import Outputs, Timings, VideoOutput, content_url

@@ -15,7 +15,7 @@ from rq import Queue
 
 from service import devserver
 from service.config import Settings
-from tests.service.conftest import REPO_ROOT, bora_env, free_port
+from tests.service.conftest import REPO_ROOT, bearer, bora_env, free_port
 
 
 def test_given_url_wins(tmp_path):
@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_devserver_runs_the_api_and_stops_on_signal(settings, signum):
+def test_devserver_runs_the_api_and_stops_on_signal(settings, api_key, signum):
     port = free_port()
     env = bora_env(settings, BORA_PORT=str(port))
     process = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, env=env)
@@ -82,7 +82,7 @@ def test_devserver_runs_the_api_and_stops_on_signal(settings, signum):
                 pass
             assert process.poll() is None and time.monotonic() < deadline, "devserver did not come up"
             time.sleep(0.1)
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/videos", json={"prompt": "p"})
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/videos", json={"prompt": "p"}, headers=bearer(api_key))
         assert response.status_code == 202
         process.send_signal(signum)
         assert process.wait(timeout=25) in (0, -signum, 128 + signum)

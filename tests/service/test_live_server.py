@@ -9,11 +9,11 @@ import httpx
 from rq import Queue
 
 from service.schemas import WorkerState
-from tests.service.conftest import beat, finish_like_worker
+from tests.service.conftest import bearer, beat, finish_like_worker
 
 
-def test_submit_poll_download_over_http(live_server, redis_conn, settings):
-    with httpx.Client(base_url=live_server, timeout=5) as client:
+def test_submit_poll_download_over_http(live_server, redis_conn, settings, api_key):
+    with httpx.Client(base_url=live_server, timeout=5, headers=bearer(api_key)) as client:
         def submit(i: int) -> httpx.Response:
             return client.post("/v1/videos", json={"prompt": f"cell {i}", "seed": i})
 
@@ -47,8 +47,8 @@ def test_submit_poll_download_over_http(live_server, redis_conn, settings):
         assert "bora_queue_depth 15.0" in metrics and "bora_workers_ready 1.0" in metrics
 
 
-def test_latency_on_loopback_is_small(live_server):
-    with httpx.Client(base_url=live_server, timeout=5) as client:
+def test_latency_on_loopback_is_small(live_server, api_key):
+    with httpx.Client(base_url=live_server, timeout=5, headers=bearer(api_key)) as client:
         client.post("/v1/videos", json={"prompt": "warm-up"})
         timings = []
         for _ in range(20):

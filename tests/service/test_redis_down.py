@@ -9,13 +9,14 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
-from tests.service.conftest import free_port
+from tests.service.conftest import bearer, free_port, key_for
 
 
 @pytest.fixture
 def dead_client(tmp_path):
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="dead", data_dir=tmp_path)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+    headers = bearer(key_for(settings, "t"))  # keys live in a file: auth works without Redis
+    with TestClient(create_app(settings), raise_server_exceptions=False, headers=headers) as c:
         yield c
 
 
@@ -60,7 +61,8 @@ def test_unexpected_errors_are_500_json_without_traceback(tmp_path, monkeypatch)
 
     monkeypatch.setattr(jobstore, "get", boom)
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="x", data_dir=tmp_path)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    headers = bearer(key_for(settings, "t"))
+    with TestClient(create_app(settings), raise_server_exceptions=False, headers=headers) as client:
         response = client.get("/v1/videos/vid_x")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"

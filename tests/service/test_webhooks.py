@@ -202,14 +202,14 @@ def test_failed_attempt_is_recorded_and_rescheduled_with_the_same_message(r):
     queue = Queue(f"{prefix}-webhooks", connection=client)
     secret = tenant_webhook_secret("m", "t")
     common = dict(prefix=prefix, job_id="job-9", event="video.succeeded", secret=secret, msg_id="msg_9",
-                  allowed_hosts=["127.0.0.1"], allow_http_loopback=True, func="worker.webhooks.send_webhook",
+                  allowed_hosts=["127.0.0.1"], allow_http_loopback=True, func="service.webhook_sender.send_webhook",
                   extra={"tenant": "t"}, timeout=5)
     with Receiver(503) as rx:
         first = deliver_attempt(client, queue, payload={"id": "job-9"}, url=rx.url, attempt=1, **common)
     assert not first["ok"] and first["next_attempt_in_s"] == BACKOFF_SECONDS[1]
     (scheduled_id,) = queue.scheduled_job_registry.get_job_ids()
     job = queue.fetch_job(scheduled_id)
-    assert job.func_name == "worker.webhooks.send_webhook"
+    assert job.func_name == "service.webhook_sender.send_webhook"
     assert job.kwargs["attempt"] == 2 and job.kwargs["msg_id"] == "msg_9" and job.kwargs["tenant"] == "t"
 
     # The retry (what the scheduled job will do) sends the identical body, and succeeds.
@@ -234,7 +234,7 @@ def test_disallowed_destination_is_recorded_not_sent_nor_retried(r):
     with Receiver(204) as rx:
         record = deliver_attempt(client, queue, prefix=prefix, job_id="j", event="video.started", payload={},
                                  url=rx.url, secret=new_secret(), attempt=1, msg_id="m", allowed_hosts=[],
-                                 allow_http_loopback=True, func="worker.webhooks.send_webhook")
+                                 allow_http_loopback=True, func="service.webhook_sender.send_webhook")
     assert not record["ok"] and "allowlist" in record["error"]
     assert rx.received == [] and queue.scheduled_job_registry.get_job_ids() == []
     assert attempts(client, prefix, "j")[0]["error"] == record["error"]

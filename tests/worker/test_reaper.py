@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from rq.registry import StartedJobRegistry
 
-from service import heartbeats, jobstore
-from service.schemas import JobStatus, WorkerHeartbeat, WorkerState
-from worker import reaper
+from service import heartbeats, jobstore, reaper
+from service.schemas import (
+    JobStatus,
+    Outputs,
+    Timings,
+    VideoOutput,
+    WorkerHeartbeat,
+    WorkerState,
+    content_url,
+)
+from service.storage import LocalStorage, output_key
 
 
 def _start_on(env, job_id: str, worker_id: str) -> None:
@@ -53,3 +62,54 @@ def test_live_worker_and_canceling_jobs(env):
     assert reaper.reap(env.r, env.settings) == {canceling.job_id: "canceled"}
     assert env.record(alive.job_id).status == JobStatus.running
     assert env.record(canceling.job_id).status == JobStatus.canceled
+
+
+def test_a_worker_that_lost_redis_requeues_its_own_jobs(env):
+    """Its heartbeat is alive, so other reapers leave the job; the worker itself names it as lost."""
+    payload = env.submit(enqueue=False)
+    heartbeats.publish(
+        env.r, WorkerHeartbeat(worker_id="me", state=WorkerState.ready), prefix=env.prefix, ttl_seconds=30
+    )
+    jobstore.mark_running(env.r, payload.job_id, "me", prefix=env.prefix)  # not in RQ's registry any more
+    assert reaper.reap(env.r, env.settings) == {}
+    assert reaper.reap(env.r, env.settings, dead_worker="me", job_ids=[payload.job_id]) == {
+        payload.job_id: "requeued"
+    }
+    assert env.record(payload.job_id).status == JobStatus.queued
+
+
+def test_reaper_thread_runs_every_interval(env):
+    payload = env.submit(enqueue=False)
+    _start_on(env, payload.job_id, "ghost")
+    stop = threading.Event()
+    reaper.start(env.r, env.settings.model_copy(update={"reaper_interval_seconds": 0.05}), stop)
+    try:
+        deadline = time.monotonic() + 5
+        while env.record(payload.job_id).status != JobStatus.queued and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+    assert env.record(payload.job_id).status == JobStatus.queued
+
+
+def test_deferred_deletes_wait_for_the_job_to_end(env, tmp_path):
+    """Objects a failed job could not delete are deleted later — unless the job ran again and succeeded."""
+    storage = LocalStorage(tmp_path / "objects")
+    failed, rerun = env.submit(enqueue=False), env.submit(enqueue=False)
+    for job_id in (failed.job_id, rerun.job_id):
+        storage.put_bytes(output_key(job_id, "video.mp4"), b"v", "video/mp4")
+        reaper.defer_delete(env.r, env.prefix, job_id, output_key(job_id, "video.mp4"))
+    assert reaper.purge_orphans(env.r, env.settings, storage) == []  # both still queued
+    jobstore.mark_running(env.r, failed.job_id, "w", prefix=env.prefix)
+    jobstore.mark_failed(env.r, failed.job_id, "storage_error", "s3 down", True, prefix=env.prefix)
+    assert reaper.purge_orphans(env.r, env.settings, storage) == [output_key(failed.job_id, "video.mp4")]
+    assert not storage.exists(output_key(failed.job_id, "video.mp4"))
+    jobstore.mark_running(env.r, rerun.job_id, "w", prefix=env.prefix)
+    video = VideoOutput(
+        url=content_url(rerun.job_id), key=output_key(rerun.job_id, "video.mp4"), bytes=1,
+        content_type="video/mp4", sha256="00" * 32, width=32, height=32, frames=1, fps=8, duration_s=0.125,
+    )  # fmt: skip
+    jobstore.mark_succeeded(env.r, rerun.job_id, Outputs(video=video), Timings(), prefix=env.prefix)
+    assert reaper.purge_orphans(env.r, env.settings, storage) == []  # its re-run wrote them: they stay
+    assert storage.exists(output_key(rerun.job_id, "video.mp4"))
+    assert env.r.hlen(reaper.orphans_key(env.prefix)) == 0
