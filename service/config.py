@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     model_preset: Literal["tiny", "bora"] = "tiny"
     model_dir: Path | None = Field(None, description="Default $BORA_DATA_DIR/models/<preset>")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    text_encoder_device: str = Field(
+        "same", pattern=r"^(same|cpu|cuda(:\d+)?)$",
+        description="Where T5 runs: `same` as the model, or `cpu` (T5-XXL is ~19 GB in fp32; only the embeddings move)",
+    )
+    text_encoder_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="T5 precision: fp32 as upstream, or bf16 (fp16 overflows in T5)"
+    )
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
     worker_id: str | None = Field(None, description="Default <hostname>-<pid>")
     heartbeat_interval_seconds: float = Field(5.0, gt=0)

@@ -98,6 +98,7 @@ def load_runtime(
     heartbeat.update(state=WorkerState.loading)
     device = resolve_device(settings.device)
     import diffusers
+    import torch
     import transformers
 
     from model.pipeline import BoraPipeline
@@ -108,7 +109,12 @@ def load_runtime(
 
     assert settings.model_dir is not None  # Settings derives it from data_dir and the preset
     started = time.perf_counter()
-    pipeline = BoraPipeline.from_pretrained(settings.model_dir, device=device)
+    pipeline = BoraPipeline.from_pretrained(
+        settings.model_dir,
+        device=device,
+        text_encoder_device=None if settings.text_encoder_device == "same" else settings.text_encoder_device,
+        text_encoder_dtype=getattr(torch, settings.text_encoder_dtype),
+    )
     load_s = time.perf_counter() - started
     dtype = str(pipeline.dtype).removeprefix("torch.")
     metrics.model_load_seconds.set(load_s)
