@@ -37,6 +37,7 @@ if global_cap > 0 then
   local waiting = redis.call('LLEN', KEYS[2])
   if waiting >= global_cap then return {0, 'global', waiting} end
 end
+if tenant_cap == 0 then return {1, '', 0} end  -- no per-tenant cap: nothing to count
 local queued = 0
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 for i = 1, #members, 2 do

@@ -228,7 +228,9 @@ class VideoJob(BaseModel):
     id: str
     object: Literal["video"] = "video"
     status: JobStatus
-    stage: Stage | None = None
+    stage: Stage | None = Field(
+        None, description="What the job is doing; once it has ended, the last stage it reached (where it failed)."
+    )
     progress: float = Field(0.0, ge=0, le=100, description="0–100.")
     step: int | None = None
     total_steps: int | None = None
