@@ -3,8 +3,10 @@
 Protected: every `/v1` path and `/generate`, plus `/healthz` + `/readyz` and `/metrics` when
 BORA_AUTH_PROTECT_HEALTH / BORA_AUTH_PROTECT_METRICS say so. The OpenAPI document and `/docs` stay open.
 A missing, malformed, wrong or revoked key is a 401 JSON error with `WWW-Authenticate: Bearer`, answered
-before the body is read. With BORA_AUTH=disabled (allowed on loopback only, see `Settings`) every request is
-tenant `default`.
+before the body is read. With BORA_AUTH=disabled every request is tenant `default` - on loopback only: `Settings`
+refuses the setting with a non-loopback BORA_HOST, and since a server started by hand (`uvicorn --host 0.0.0.0`)
+never reads BORA_HOST, each protected request must also have arrived on a loopback address (the ASGI
+`scope["server"]`, the local end of the connection); any other answers 401 `auth_disabled_off_loopback`.
 
 Why ASGI middleware rather than a route dependency: it covers every `/v1` route, including ones added later,
 without each having to remember it, and it answers before FastAPI parses a body. The same `is_protected`
@@ -21,7 +23,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.config import Settings
+from service.config import Settings, is_loopback
 from service.errors import Unauthorized
 from service.keys import KeyStore
 
@@ -66,6 +68,11 @@ class AuthMiddleware:
             return
         state = scope.setdefault("state", {})
         if not self.required:
+            if self.is_protected(scope["path"]) and not on_loopback(scope):
+                await _reject(send, Unauthorized(
+                    "this server runs with BORA_AUTH=disabled, which serves requests on a loopback address only; "
+                    "its operator must create API keys and set BORA_AUTH=required", code="auth_disabled_off_loopback"))
+                return
             state["tenant"] = DEFAULT_TENANT
         elif self.is_protected(scope["path"]):
             token = bearer_token(scope["headers"])
@@ -80,6 +87,12 @@ class AuthMiddleware:
                 return
             state["tenant"] = tenant
         await self.app(scope, receive, send)
+
+
+def on_loopback(scope: Scope) -> bool:
+    """True when the request came in on a loopback address, or on a Unix socket (uvicorn: `(path, None)`)."""
+    server = scope.get("server")
+    return server is None or server[1] is None or is_loopback(str(server[0]))
 
 
 async def _reject(send: Send, error: Unauthorized) -> None:

@@ -123,11 +123,10 @@ class Settings(BaseSettings):
 
     @property
     def queue_name(self) -> str:
-        return f"{self.key_prefix}-videos"
+        """The RQ queue of video jobs (named in one place, service.jobstore, with every other Redis key)."""
+        from service.jobstore import queue_name  # here: config is the bottom layer, importing none of ours
 
-    @property
-    def webhooks_queue_name(self) -> str:
-        return f"{self.key_prefix}-webhooks"
+        return queue_name(self.key_prefix)
 
     @property
     def webhook_hosts(self) -> list[str]:
@@ -135,11 +134,15 @@ class Settings(BaseSettings):
 
 
 def is_loopback(host: str) -> bool:
-    """True for `localhost` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    """True for `localhost` and loopback IP addresses (127.0.0.0/8, ::1, ::ffff:127.x.x.x)."""
+    if host == "localhost":
+        return True
     try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket reports IPv4 peers this way
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 @lru_cache(maxsize=1)

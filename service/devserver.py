@@ -4,7 +4,13 @@ Redis: BORA_REDIS_URL when set; else 127.0.0.1:6379 when it answers PING; else a
 server (a real redis-server binary) on a unix socket under $BORA_DATA_DIR/redis, persisted to an RDB file
 there. Then it starts `uvicorn service.main:app` on BORA_HOST:BORA_PORT, `python -m worker.main` and
 `python -m service.webhook_sender` as child processes with the resolved BORA_REDIS_URL in
-their environment, forwards Ctrl-C/SIGTERM to them, and exits when any child exits (stopping the others).
+their environment, and exits when any child exits (stopping the others).
+
+Stopping: the children run in sessions of their own, so a Ctrl-C in the terminal reaches only the devserver
+(not every process of the terminal's process group); on SIGINT, SIGTERM or SIGHUP it sends each child one
+SIGTERM. uvicorn then drains for up to API_DRAIN_SECONDS, and the worker lets its current job finish for up
+to WORKER_GRACE_SECONDS before it re-queues it; a child still running STOP_GRACE_SECONDS later is killed.
+A second Ctrl-C forwards a second SIGTERM: the worker stops its job at the next step and re-queues it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ from service.config import Settings, get_settings
 log = logging.getLogger("bora.devserver")
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
-STOP_GRACE_SECONDS = 20.0
+API_DRAIN_SECONDS = 10  # uvicorn --timeout-graceful-shutdown
+WORKER_GRACE_SECONDS = 20  # worker --grace
+# Longer than either: past the grace the job still has to reach its next step and be re-queued.
+STOP_GRACE_SECONDS = WORKER_GRACE_SECONDS + 20.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
 
 
@@ -82,8 +92,9 @@ def child_commands(settings: Settings) -> dict[str, list[str]]:
         "api": [
             sys.executable, "-m", "uvicorn", "service.main:app",
             "--host", settings.host, "--port", str(settings.port), "--no-server-header",
+            "--timeout-graceful-shutdown", str(API_DRAIN_SECONDS),
         ],
-        "worker": [sys.executable, "-m", "worker.main"],
+        "worker": [sys.executable, "-m", "worker.main", "--grace", str(WORKER_GRACE_SECONDS)],
         # Webhook deliveries and their retries (torch-free; idles when no job asks for a webhook).
         "webhooks": [sys.executable, "-m", "service.webhook_sender"],
     }
@@ -94,9 +105,13 @@ def supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
     stopping: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stopping:  # a second Ctrl-C: the children hurry (the worker re-queues its job at the next step)
+            signal_all(children)
         stopping.append(signum)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Under `nohup` SIGHUP is ignored on purpose, and stays so.
+    nohup = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS if not (nohup and sig == signal.SIGHUP)}
     status = 0
     try:
         while not stopping:
@@ -107,25 +122,32 @@ def supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
                 status = code or 1
                 break
             time.sleep(0.2)
-        stop(children, signal.SIGTERM if not stopping else stopping[0])
+        stop(children)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return status
 
 
-def stop(children: dict[str, subprocess.Popen[bytes]], signum: int) -> None:
+def signal_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
     for process in children.values():
         if process.poll() is None:
-            process.send_signal(signum)
+            process.send_signal(signal.SIGTERM)
+
+
+def stop(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """One SIGTERM to each running child; wait for all, killing any still running after STOP_GRACE_SECONDS."""
+    running = {name: p for name, p in children.items() if p.poll() is None}
+    signal_all(running)
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for name, process in children.items():
+    for name, process in running.items():
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %.0f s; killing it", name, STOP_GRACE_SECONDS)
             process.kill()
             process.wait()
+        log.info("%s stopped (exit status %s)", name, process.returncode)
 
 
 def main(settings: Settings | None = None) -> int:
@@ -138,12 +160,13 @@ def main(settings: Settings | None = None) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, command in child_commands(settings).items():
-            children[name] = subprocess.Popen(command, env=env)
+            # A session of its own: the terminal's Ctrl-C goes to us only, and we forward one SIGTERM.
+            children[name] = subprocess.Popen(command, env=env, start_new_session=True)
         log.info("API on http://%s:%s (docs at /docs); worker and webhook sender started; Ctrl-C stops all",
                  settings.host, settings.port)
         return supervise(children)
     finally:
-        stop(children, signal.SIGTERM)
+        stop(children)
         if embedded is not None:
             stop_embedded_redis(embedded)
 

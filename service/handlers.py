@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,12 +78,34 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(error)
 
 
+# Error codes with which a reachable Redis refuses work for a while: full under `noeviction` (OOM), a
+# read-only replica, a failed RDB save with stop-writes-on-bgsave-error (MISCONF), no master or replicas.
+# The store is unavailable then (503), not broken; any other Redis error reply is our bug (500).
+REDIS_REFUSALS = ("OOM", "READONLY", "MISCONF", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")
+# redis-py strips the code of the replies it maps to a class (`status_code`) but not of the others, and
+# prefixes a pipeline's error with "Command # n (...) of pipeline caused error: ".
+_REFUSAL = re.compile(r"(?:^|caused error: )(" + "|".join(REDIS_REFUSALS) + r")\b")
+
+
+def redis_refusal(exc: RedisResponseError) -> str | None:
+    """The refusal code of a Redis error reply (`OOM`, `MISCONF`, ...), or None for any other error."""
+    if exc.status_code in REDIS_REFUSALS:
+        return exc.status_code
+    match = _REFUSAL.search(str(exc))
+    return match.group(1) if match else None
+
+
 async def redis_error(request: Request, exc: Exception) -> JSONResponse:
+    """503 `redis_unavailable` when Redis is unreachable or refuses writes; any other Redis error is a 500."""
+    if isinstance(exc, RedisResponseError):
+        refusal = redis_refusal(exc)
+        if refusal is None:
+            return await unexpected_error(request, exc)
+        message, retry_after = f"the job store (Redis) refuses requests for now ({refusal}); retry later", "5"
+    else:
+        message, retry_after = "the job store (Redis) is unreachable; retry shortly", "2"
     log.warning("%s %s -> 503: redis unavailable: %s", request.method, request.url.path, exc)
-    error = ServiceUnavailable(
-        "the job store (Redis) is unreachable; retry shortly", code="redis_unavailable", headers={"Retry-After": "2"}
-    )
-    return error_response(error)
+    return error_response(ServiceUnavailable(message, code="redis_unavailable", headers={"Retry-After": retry_after}))
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -95,4 +119,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RedisConnectionError, redis_error)
     app.add_exception_handler(RedisTimeoutError, redis_error)
+    app.add_exception_handler(RedisResponseError, redis_error)
     app.add_exception_handler(Exception, unexpected_error)

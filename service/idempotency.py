@@ -21,7 +21,6 @@ from typing import Any
 from redis import Redis
 
 TTL_SECONDS = 24 * 3600
-MAX_KEY_LENGTH = 255
 
 _RELEASE = """
 local value = redis.call('GET', KEYS[1])
@@ -30,13 +29,6 @@ if value and cjson.decode(value)['job_id'] == ARGV[1] then
 end
 return 0
 """
-
-
-def check_key(key: str) -> str:
-    """The header value if usable (1-255 printable ASCII characters), else ValueError with the reason."""
-    if not 1 <= len(key) <= MAX_KEY_LENGTH or not all(" " < c <= "~" for c in key):
-        raise ValueError(f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} printable ASCII characters without spaces")
-    return key
 
 
 def body_sha256(body: Any) -> str:

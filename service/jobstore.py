@@ -1,5 +1,11 @@
 """The one module that writes job state to Redis. Every transition is one Lua script or one MULTI/EXEC.
 
+House rule 6 (one writer of job state) as it stands: every status transition goes through this module, one
+transaction each. Its callers are the API for create and cancel (a queued job must become `canceled` at once,
+not when a worker gets to it), the reapers (service/reaper.py) for the jobs of dead workers, and the worker's
+lifecycle (worker/lifecycle.py) for everything else. A transition that puts a job on the RQ queue writes the
+RQ entry in the same MULTI/EXEC (`create(pipeline=...)`, `mark_requeued(enqueue=...)`; see service/queueing.py).
+
 Data model (P = settings.key_prefix):
   P:job:{id}            HASH, one field per top-level `JobRecord` attribute; nested values as JSON.
                         TTL = retention, set at create and refreshed on the terminal transition.
@@ -12,7 +18,7 @@ Data model (P = settings.key_prefix):
 Allowed transitions:
   queued    -> running (mark_running) | canceled (request_cancel / mark_canceled) | failed (mark_failed)
   running   -> canceling (request_cancel) | succeeded | failed | canceled | queued (mark_requeued)
-  canceling -> succeeded | failed | canceled | queued (mark_requeued)
+  canceling -> succeeded | failed | canceled   (never back to queued: the client asked it to stop)
 A transition that is not allowed raises `InvalidTransition`; an unknown (or expired) id raises `JobNotFound`.
 Every function takes the Redis client first and the key prefix as the keyword `prefix`.
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +156,32 @@ return {1, cur}
 """
 
 
+def _spec(
+    *,
+    allowed: Iterable[JobStatus],
+    status: JobStatus | None = None,
+    set_fields: dict[str, Any] | None = None,
+    del_fields: Sequence[str] = (),
+    incr: dict[str, int] | None = None,
+    stat: str = "",
+    ttl: bool = False,
+    push: str = "",
+) -> dict[str, Any]:
+    """The JSON argument of `_TRANSITION_LUA`."""
+    return {
+        "allowed": [s.value for s in allowed],
+        "status": status.value if status else "",
+        "set": {k: _encode_value(v) for k, v in (set_fields or {}).items() if v is not None},
+        # cjson turns an empty Lua table into an object; keep lists non-empty-safe by always iterating ipairs.
+        "del": list(del_fields) + [k for k, v in (set_fields or {}).items() if v is None],
+        "incr": incr or {},
+        "stat": stat,
+        "ttl": ttl,
+        "push": push,
+        "keep": DURATIONS_KEPT,
+    }
+
+
 def _transition(
     r: Redis,
     job_id: str,
@@ -165,18 +197,10 @@ def _transition(
     push: str = "",
 ) -> tuple[int, str]:
     keys = Keys(prefix)
-    spec = {
-        "allowed": [s.value for s in allowed],
-        "status": status.value if status else "",
-        "set": {k: _encode_value(v) for k, v in (set_fields or {}).items() if v is not None},
-        # cjson turns an empty Lua table into an object; keep lists non-empty-safe by always iterating ipairs.
-        "del": list(del_fields) + [k for k, v in (set_fields or {}).items() if v is None],
-        "incr": incr or {},
-        "stat": stat,
-        "ttl": ttl,
-        "push": push,
-        "keep": DURATIONS_KEPT,
-    }
+    spec = _spec(
+        allowed=allowed, status=status, set_fields=set_fields, del_fields=del_fields, incr=incr, stat=stat, ttl=ttl,
+        push=push,
+    )
     script = r.register_script(_TRANSITION_LUA)
     code, current = script(
         keys=[keys.job(job_id), keys.stats_finished, keys.stats_durations], args=[json.dumps(spec)]
@@ -255,12 +279,6 @@ def with_queue_info(record: JobRecord, position: Any, durations: Sequence[Any]) 
     if recent:
         update["eta_seconds"] = round((int(position) + 1) * sum(recent) / len(recent), 1)
     return record.model_copy(update=update)
-
-
-def queue_position(r: Redis, job_id: str, *, prefix: str) -> int | None:
-    """1-based position in the RQ queue (1 = next to run), or None when not waiting there."""
-    position: Any = r.lpos(Keys(prefix).rq_queue, job_id)
-    return None if position is None else int(position) + 1
 
 
 def list_jobs(
@@ -511,27 +529,36 @@ def request_cancel(r: Redis, job_id: str, *, prefix: str) -> JobRecord:
     return _must_get(r, job_id, prefix=prefix)
 
 
-def is_cancel_requested(r: Redis, job_id: str, *, prefix: str) -> bool:
-    """True when a client asked to cancel (status canceling or canceled, or the job is gone)."""
-    status = r.hget(Keys(prefix).job(job_id), "status")
-    if status is None:
-        return True
-    status = status.decode() if isinstance(status, bytes) else status
-    return status in (JobStatus.canceling.value, JobStatus.canceled.value)
+def mark_requeued(
+    r: Redis, job_id: str, *, prefix: str, enqueue: Callable[[Pipeline, JobRecord], None] | None = None
+) -> JobRecord:
+    """running -> queued (worker lost or shut down mid-job). `attempts` keeps counting, so the caller can give
+    up after N with mark_failed(worker_lost). A `canceling` job is not re-queued (it should end `canceled`).
 
-
-def mark_requeued(r: Redis, job_id: str, *, prefix: str) -> JobRecord:
-    """running|canceling -> queued (worker lost or shut down mid-job); the caller re-enqueues the RQ job.
-    `attempts` keeps counting, so the caller can give up after N with mark_failed(worker_lost)."""
-    _apply(
-        r,
-        job_id,
-        JobStatus.queued,
-        prefix=prefix,
+    `enqueue(pipe, record)` queues the job's RQ entry on the same MULTI/EXEC (service/queueing.py): the job is
+    queued in both places or in neither. The job hash is WATCHed meanwhile, so a concurrent change retries."""
+    keys = Keys(prefix)
+    key = keys.job(job_id)
+    spec = _spec(
         allowed=[JobStatus.running],
+        status=JobStatus.queued,
         set_fields={"stage": Stage.queued.value, "progress": 0, "updated_at": _now()},
         del_fields=["worker_id", "started_at", "step", "total_steps", "eta_seconds"],
     )
+    script = r.register_script(_TRANSITION_LUA)
+
+    def transition(pipe: Pipeline) -> None:
+        fields = _strings(pipe.hgetall(key))  # immediate: the pipe is WATCHing, not yet in MULTI
+        if not fields:
+            raise JobNotFound(f"no job {job_id}", param="id")
+        if fields["status"] != JobStatus.running.value:
+            raise InvalidTransition(job_id, fields["status"], JobStatus.queued.value)
+        pipe.multi()
+        script(keys=[key, keys.stats_finished, keys.stats_durations], args=[json.dumps(spec)], client=pipe)
+        if enqueue is not None:
+            enqueue(pipe, decode(fields))
+
+    r.transaction(transition, key)
     return _must_get(r, job_id, prefix=prefix)
 
 

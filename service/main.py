@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from rq import Queue
 
-from service import auth, handlers, reaper
+from service import auth, handlers, logs, reaper
 from service.admission import Admission
 from service.config import Settings, get_settings
 from service.connection import connect
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure_api()  # JSON lines, like the worker's, for the API's own loggers
         # Jobs of dead workers are recovered even while no worker runs (each worker runs a reaper too).
         stop_reaper = threading.Event()
         if settings.reaper_in_api:

@@ -1,6 +1,7 @@
 """The models this service can serve, known without torch: bounds for validation and request defaults.
 
-Mirrors model/presets.py (which needs torch to build anything). A request may ask for a shape other than
+Mirrors model/presets.py's generation defaults (that package needs torch to build anything);
+tests/model/test_model_specs.py checks the two agree. A request may ask for a shape other than
 the one the weights were trained on, within bounds: it is served, with an `untrained_shape` warning.
 """
 
@@ -28,7 +29,6 @@ class ModelSpec:
     default_steps: int
     default_guidance: float
     max_guidance: float = 20.0
-    max_tokens: int = 120
     samplers: tuple[str, ...] = field(default=SAMPLERS)
 
 

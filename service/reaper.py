@@ -3,8 +3,10 @@
 A job is orphaned when it is `running`/`canceling` and its worker's heartbeat hash (`P:worker:{wid}`) has
 expired (TTL `heartbeat_ttl_seconds`), e.g. after `kill -9` or a lost machine. Candidates come from RQ's
 started-job registry of our queue. An orphan that was being canceled ends `canceled`; one that has had fewer
-than `reaper_max_attempts` runs goes back to `queued` (and onto the queue, at the front); any other fails
-`worker_lost`. Each transition is a guarded jobstore transition, so two reapers racing act on a job once.
+than `reaper_max_attempts` runs goes back to `queued` (and onto the queue, at the front, in the same
+transaction: `queueing.requeue`); any other fails `worker_lost`. Each transition is a guarded jobstore
+transition, so two reapers racing act on a job once. A job that ends here sends its webhook (`video.canceled`,
+`video.failed`) and, like every state change, writes an audit line (service/audit.py).
 `start()` runs `reap` every `reaper_interval_seconds` in a daemon thread (in each worker, and in the API so
 that jobs are recovered even when every worker is gone), without waiting for RQ's 10-minute maintenance pass.
 
@@ -22,45 +24,16 @@ import threading
 from collections.abc import Sequence
 
 from redis import Redis
-from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from service import jobstore
+from service import jobstore, queueing, webhooks
+from service.audit import audit
 from service.config import Settings
 from service.errors import InvalidTransition, JobNotFound
-from service.schemas import JobPayload, JobRecord, JobStatus, utcnow
+from service.schemas import JobStatus
 from service.storage import Storage
 
 logger = logging.getLogger(__name__)
-
-WORKER_FUNCTION = "worker.jobs.run_video_job"
-
-
-def enqueue(r: Redis, settings: Settings, payload: JobPayload, *, at_front: bool = True) -> None:
-    """(Re-)enqueue a job's RQ entry the way the API does (same function, id, time limit)."""
-    Queue(settings.queue_name, connection=r).enqueue_call(
-        WORKER_FUNCTION,
-        args=(payload.model_dump(mode="json"),),
-        job_id=payload.job_id,
-        timeout=settings.job_timeout_seconds,
-        result_ttl=settings.job_retention_seconds,
-        failure_ttl=settings.rq_failure_ttl_seconds,
-        description=f"video {payload.job_id}",
-        at_front=at_front,
-    )
-
-
-def payload_of(record: JobRecord) -> JobPayload:
-    return JobPayload(
-        job_id=record.id,
-        input=record.input,
-        seed=record.seed,
-        model=record.model,
-        request_id=record.request_id,
-        tenant=record.tenant,
-        metadata=record.metadata,
-        enqueued_at=utcnow(),
-    )
 
 
 def reap(
@@ -91,37 +64,21 @@ def reap(
             continue
         try:
             if record.status == JobStatus.canceling:
-                jobstore.mark_canceled(r, job_id, prefix=prefix)
-                outcome = "canceled"
+                outcome, ended = "canceled", jobstore.mark_canceled(r, job_id, prefix=prefix)
+                webhooks.notify(r, ended, "video.canceled", prefix=prefix)
             elif record.attempts < max_attempts:
-                jobstore.mark_requeued(r, job_id, prefix=prefix)
-                enqueue(r, settings, payload_of(record))
-                outcome = "requeued"
+                outcome, ended = "requeued", queueing.requeue(r, job_id, settings)
             else:
-                jobstore.mark_failed(
-                    r,
-                    job_id,
-                    "worker_lost",
-                    f"the worker running this job was lost ({record.attempts} attempt(s))",
-                    True,
-                    prefix=prefix,
-                )
-                outcome = "failed"
+                message = f"the worker running this job was lost ({record.attempts} attempt(s))"
+                outcome, ended = "failed", jobstore.mark_failed(r, job_id, "worker_lost", message, True, prefix=prefix)
+                webhooks.notify(r, ended, "video.failed", prefix=prefix)
         except (InvalidTransition, JobNotFound):
             continue  # another reaper, or the worker itself, got there first
         r.zrem(registry.key, f"{job_id}:{execution_id}" if execution_id else job_id)
         done[job_id] = outcome
-        logger.warning(
-            "job.reaped",
-            extra={
-                "event": "job.reaped",
-                "job_id": job_id,
-                "request_id": record.request_id,
-                "tenant": record.tenant,
-                "lost_worker": record.worker_id,
-                "outcome": outcome,
-                "attempt": record.attempts,
-            },
+        audit(
+            f"job.{outcome}", ended, outcome=outcome, request_id=record.request_id, level=logging.WARNING,
+            reason="worker_lost", lost_worker=record.worker_id, attempt=record.attempts,
         )
     return done
 

@@ -15,8 +15,9 @@ vouches for what it resolves to. `trust_env=False` keeps proxy variables from re
 Retries: `BACKOFF_SECONDS[n]` is the wait before attempt n+1, covering a bit over 27 h in total
 (BORA_WEBHOOK_BACKOFF_SECONDS replaces it, e.g. with seconds in tests).
 
-Flow: a job state change (worker/lifecycle.py; the API for a cancel while queued) calls `enqueue_event`, which
-builds the signed-to-be body once and enqueues `service.webhook_sender.send_webhook` on `{prefix}-webhooks`.
+Flow: a job state change (worker/lifecycle.py; the API for a cancel while queued; a reaper ending a dead
+worker's job, via `notify`) calls `enqueue_event`, which builds the signed-to-be body once and enqueues
+`service.webhook_sender.send_webhook` on `{prefix}-webhooks`.
 That task calls `deliver_attempt`: it delivers, appends the attempt to the Redis list
 `{prefix}:job:{id}:webhooks` (what `GET /v1/videos/{id}/webhook-attempts` shows) and, on failure, re-enqueues
 the same task with `attempt + 1` via `queue.enqueue_in(delay, ...)` - run by `python -m
@@ -31,6 +32,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,6 +55,8 @@ TOLERANCE_SECONDS = 300
 ATTEMPTS_KEPT = 100
 USER_AGENT = "bora-webhooks/1"
 
+logger = logging.getLogger(__name__)
+
 
 class WebhookError(ValueError):
     """Base for webhook problems the caller should report, not crash on."""
@@ -67,10 +71,6 @@ class VerificationFailed(WebhookError):
 
 
 # --- secrets and signatures --------------------------------------------------------------------------------
-
-
-def new_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def tenant_webhook_secret(master_secret: str | bytes, tenant: str) -> str:
@@ -329,6 +329,14 @@ def enqueue_event(r: Redis, job: JobRecord, event: str, *, prefix: str) -> str |
         description=f"webhook {event} {job.id}",
     )
     return msg_id
+
+
+def notify(r: Redis, job: JobRecord, event: str, *, prefix: str) -> None:
+    """`enqueue_event` for a state change the API or a reaper made: the change stands even if this fails."""
+    try:
+        enqueue_event(r, job, event, prefix=prefix)
+    except Exception:
+        logger.warning("webhook not queued", extra={"job_id": job.id, "webhook_event": event}, exc_info=True)
 
 
 def secret_for(settings: Settings, tenant: str | None) -> str | None:

@@ -82,9 +82,11 @@ class Runtime:
     upload_attempts: int = 4
     upload_backoff_s: float = 0.5  # doubles per retry: 0.5, 1, 2 s
     # Set by the SIGTERM handler once the grace period is over: the running job stops between steps and
-    # is re-queued (by worker/main.py after the RQ loop returns).
+    # re-queues itself.
     shutdown: threading.Event = field(default_factory=threading.Event)
-    requeue: list[JobPayload] = field(default_factory=list)
+    # Jobs this process put back on the queue while RQ was running them: their RQ entry is the next run's,
+    # which RQ's end-of-job bookkeeping must leave alone (worker/main.py's BoraWorker).
+    requeued: set[str] = field(default_factory=set)
     # Jobs abandoned because Redis went away mid-job; worker/main.py re-queues them once it is back.
     lost: list[str] = field(default_factory=list)
     current_job: str | None = None
@@ -235,10 +237,12 @@ class VideoJobRun:
                 f"the job ran past its limit of {self.rt.settings.job_timeout_seconds} s"
             )
         elif isinstance(exc, Interrupted) and self.interrupt_reason == "shutdown":
-            self.life.requeue("worker shutting down")
-            self.rt.requeue.append(self.job)
             self._delete_uploaded()
-            return JobStatus.queued.value, None
+            # State and RQ entry in one transaction: a crash now cannot leave it `queued` but off the queue.
+            if self.life.requeue("worker shutting down", self.rt.settings) is not None:
+                self.rt.requeued.add(self.job.job_id)
+                return JobStatus.queued.value, None
+            err = errors.Canceled("canceled while the worker was shutting down")  # no longer `running`
         else:
             err = errors.classify(exc)
         self._delete_uploaded()

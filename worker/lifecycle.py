@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from typing import Any
 
 from redis import Redis
 
-from service import heartbeats, jobstore, webhooks
-from service.errors import InvalidTransition
+from service import heartbeats, jobstore, queueing, webhooks
+from service.config import Settings
+from service.errors import InvalidTransition, JobNotFound
 from service.schemas import (
     JobRecord,
     JobStatus,
@@ -44,7 +46,11 @@ _LOG_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "as
 
 
 def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """`{hostname}-{pid}-{6 hex}`, new on every start. In a container the hostname is the container id and the
+    pid is 1 after each restart: without the random part a restarted worker would reuse its crashed
+    predecessor's id, so its heartbeat would hide the orphaned job from the reaper, and RQ would refuse the
+    name while the old registration lives."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -175,9 +181,14 @@ class JobLifecycle:
         self.notify("video.canceled", record)
         return record
 
-    def requeue(self, reason: str) -> JobRecord:
-        """running -> queued (this worker is shutting down mid-job); the caller re-enqueues the RQ job."""
-        record = jobstore.mark_requeued(self.r, self.job_id, prefix=self.prefix)
+    def requeue(self, reason: str, settings: Settings) -> JobRecord | None:
+        """running -> queued and back at the front of the RQ queue, in one transaction (this worker is
+        shutting down mid-job). None when the job is no longer `running` (a client asked to cancel it)."""
+        try:
+            record = queueing.requeue(self.r, self.job_id, settings)
+        except (InvalidTransition, JobNotFound) as exc:
+            self.audit("job.requeue_ignored", logging.WARNING, outcome=getattr(exc, "current", "missing"))
+            return None
         self.audit(
             "job.requeued", logging.WARNING, outcome="requeued", reason=reason, attempt=record.attempts
         )
@@ -191,10 +202,6 @@ class JobLifecycle:
                 self.audit("job.webhook_queued", webhook_event=event)
         except Exception:
             logger.warning("webhook not queued", extra={"job_id": self.job_id, "webhook_event": event}, exc_info=True)
-
-    def status(self) -> JobStatus | None:
-        record = jobstore.get(self.r, self.job_id, prefix=self.prefix)
-        return record.status if record else None
 
 
 class Heartbeat:

@@ -75,6 +75,28 @@ class BoraWorker(SimpleWorker):
         )
         self.runtime.shutdown.set()
 
+    def register_birth(self) -> None:
+        """RQ refuses a name while a registration without a death mark exists. Under our name that is a
+        previous process with the same pinned BORA_WORKER_ID that crashed (ids must be unique per process);
+        without this, a restarted worker would crash-loop until the stale registration expired."""
+        if self.connection.exists(self.key) and not self.connection.hexists(self.key, "death"):
+            logger.warning("replacing a stale RQ registration of this id", extra={"worker_id": self.name})
+            self.register_death()
+        super().register_birth()
+
+    def handle_job_success(
+        self, job: Any, queue: Queue, started_job_registry: Any, execution: Any = None
+    ) -> None:
+        """A job that re-queued itself (shutdown) returned normally, but its RQ entry is already the next
+        run's: RQ must not mark it finished and set it to expire. Only this execution is cleaned up."""
+        if job.id not in self.runtime.requeued:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        self.runtime.requeued.discard(job.id)
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+
     def execute_job(self, job: Any, queue: Queue) -> None:
         super().execute_job(job, queue)
         if self.runtime.lost:  # the job lost Redis: end this loop so run() re-queues it and starts anew
@@ -146,20 +168,11 @@ def load_runtime(
     )
 
 
-def requeue_interrupted(rt: jobs.Runtime) -> None:
-    """Put jobs stopped by the shutdown back on the queue (their state is already `queued`)."""
-    for payload in rt.requeue:
-        reaper.enqueue(rt.redis, rt.settings, payload)
-        logger.info("job re-queued", extra={"job_id": payload.job_id, "request_id": payload.request_id})
-    rt.requeue.clear()
-
-
 def run(
     settings: Settings, *, burst: bool = False, grace_s: float = DEFAULT_GRACE_S, log_level: str = "INFO"
 ) -> int:
     worker_id = settings.worker_id or default_worker_id()
     metrics = WorkerMetrics()
-    port = metrics.serve(settings.worker_metrics_port)
     state_redis = connect(settings)
     heartbeat = Heartbeat(
         state_redis,
@@ -168,6 +181,7 @@ def run(
         interval=settings.heartbeat_interval_seconds,
         ttl=settings.heartbeat_ttl_seconds,
     )
+    port = metrics.serve(settings.worker_metrics_port, health=lambda: unhealthy(heartbeat))
     heartbeat.start()
     logger.info(
         "worker starting", extra={"worker_id": worker_id, "metrics_port": port, "queue": settings.queue_name}
@@ -189,6 +203,7 @@ def run(
         device=rt.device,
         dtype=rt.dtype,
     )
+    reclaim(rt)
     # RQ blocks on the queue: its connection must not time out while idle.
     rq_redis = connect(settings, socket_timeout=None)
     stop_reaper = threading.Event()
@@ -218,14 +233,31 @@ def run(
     finally:
         stop_reaper.set()
         heartbeat.update(state=WorkerState.stopping)
-        try:
-            requeue_interrupted(rt)
-        except RedisError:  # Redis is down: the reaper of another process will find these jobs
-            logger.warning("could not re-queue interrupted jobs", exc_info=True)
         heartbeat.stop(remove=True)
         jobs.install(None)
         logger.info("worker stopped", extra={"worker_id": worker_id, "status": status})
     return status
+
+
+def unhealthy(heartbeat: Heartbeat) -> str | None:
+    """For /healthz: None while the worker takes jobs (ready or busy), else why not."""
+    if heartbeat.state in (WorkerState.ready, WorkerState.busy):
+        return None
+    return f"worker is {heartbeat.state.value}"
+
+
+def reclaim(rt: jobs.Runtime) -> None:
+    """Before the first job: one reaper pass that also treats jobs `running` under our own id as orphans.
+    Such jobs belong to a previous process with the same pinned BORA_WORKER_ID (restarted after a crash,
+    possibly before its heartbeat expired); this process has run nothing yet. The pass also recovers other
+    dead workers' jobs now rather than after the first reaper interval."""
+    try:
+        done = reaper.reap(rt.redis, rt.settings, dead_worker=rt.worker_id)
+    except RedisError:  # Redis down at start: the reaper thread's passes cover other workers' jobs
+        logger.warning("start-up reaper pass failed", extra={"worker_id": rt.worker_id}, exc_info=True)
+        return
+    if done:
+        logger.warning("recovered orphaned jobs at start", extra={"worker_id": rt.worker_id, "jobs": done})
 
 
 def recover(rt: jobs.Runtime, worker: BoraWorker) -> bool:

@@ -1,13 +1,20 @@
 """The worker's Prometheus metrics, served on their own port (BORA_WORKER_METRICS_PORT; 0 = not served).
 
-Names are fixed by the deploy dashboards (plan/INTERFACES.md); change them only together.
+The same port answers `GET /healthz`: 200 once the model is loaded and the worker takes jobs (heartbeat
+state ready or busy), 503 before that and after (starting, loading, failed, stopping); the container
+healthcheck probes it. Metric names are fixed by deploy/grafana and deploy/prometheus: change them together.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +83,35 @@ class WorkerMetrics:
         self.gpu_memory.labels(kind="allocated").set(torch.cuda.memory_allocated(device))
         self.gpu_memory.labels(kind="reserved").set(torch.cuda.memory_reserved(device))
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int | None:
-        """Start the /metrics HTTP server in a daemon thread; return the bound port (None if port is 0)."""
+    def serve(
+        self, port: int, addr: str = "0.0.0.0", health: Callable[[], str | None] | None = None
+    ) -> int | None:
+        """Serve /metrics and /healthz from a daemon thread; return the bound port (None if port is 0).
+
+        `health()` returns the problem as text (/healthz answers 503 with it), or None when healthy (200)."""
         if not port:
             return None
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            problem = health() if health else None
+            status = "503 Service Unavailable" if problem else "200 OK"
+            start_response(status, [("Content-Type", "text/plain")])
+            return [(problem or "ok").encode() + b"\n"]
+
+        server = make_server(addr, port, app, _ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="bora-metrics", daemon=True).start()
         bound = int(server.server_address[1])
         logger.info("worker metrics serving", extra={"port": bound})
         return bound
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes and probes every few seconds: not worth a log line each

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from service import idempotency, jobstore, webhooks
+from service import idempotency, jobstore, queueing, webhooks
 from service.audit import audit
 from service.config import Settings
 from service.deps import (
@@ -34,7 +34,6 @@ from service.routes.responses import errors
 from service.schemas import (
     DEFAULT_WEBHOOK_EVENTS,
     JobList,
-    JobPayload,
     JobRecord,
     JobStatus,
     Stage,
@@ -48,8 +47,6 @@ from service.schemas import (
 router = APIRouter(tags=["videos"])
 logger = logging.getLogger(__name__)
 
-WORKER_FUNCTION = "worker.jobs.run_video_job"
-RQ_RESULT_TTL_SECONDS = 3600  # the result lives in our job hash; RQ's copy is only for debugging
 MAX_SEED_DRAWN = 2**31 - 1
 JobId = Annotated[str, Path(description="The job id returned at submission (`vid_…`).")]
 IdempotencyKey = Annotated[
@@ -97,14 +94,6 @@ def accept_webhook(hook: WebhookCreate, settings: Settings) -> Webhook:
         ) from None
     events = list(dict.fromkeys(hook.events)) if hook.events else list(DEFAULT_WEBHOOK_EVENTS)
     return Webhook(url=hook.url, events=events)  # type: ignore[arg-type]
-
-
-def notify(r: Redis, record: JobRecord, event: str, settings: Settings) -> None:
-    """Queue the job's webhook for `event`, if it has one; the state change stands even if this fails."""
-    try:
-        webhooks.enqueue_event(r, record, event, prefix=settings.key_prefix)
-    except Exception:
-        logger.warning("webhook not queued", extra={"job_id": record.id, "webhook_event": event}, exc_info=True)
 
 
 def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRecord:
@@ -166,7 +155,6 @@ def create_video(
     response: Response,
     settings: SettingsDep,
     r: RedisDep,
-    queue: QueueDep,
     spec: ModelSpecDep,
     metrics: MetricsDep,
     request_id: RequestIdDep,
@@ -174,7 +162,7 @@ def create_video(
     admission: AdmissionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> VideoJob:
-    admission.check_rate(tenant)
+    # Order: a request that is invalid (422) or a replay of an accepted one spends no rate-limit token.
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN + 1)
     normalized, warnings = normalize(
         body,
@@ -201,16 +189,6 @@ def create_video(
         request_id=request_id,
         retention_s=settings.job_retention_seconds,
     )
-    payload = JobPayload(
-        job_id=record.id,
-        input=normalized,
-        seed=seed,
-        model=spec.name,
-        request_id=request_id,
-        tenant=tenant,
-        metadata=body.metadata,
-        enqueued_at=now,
-    )
     base_url = (settings.public_base_url or "").rstrip("/")
     if idempotency_key is not None:
         original = claim_idempotency_key(r, settings, tenant, idempotency_key, body, record.id)
@@ -219,21 +197,13 @@ def create_video(
             response.headers["Idempotent-Replayed"] = "true"
             return present(original, settings)
     try:
+        admission.check_rate(tenant)  # 429 over the tenant's submission rate
         admission.reserve(tenant, record.id)  # 429 over the tenant's or the global queue cap
         # The job record and the RQ entry are written in one MULTI/EXEC: both exist, or neither.
         pipe = r.pipeline(transaction=True)
         pipe.multi()  # explicit, so RQ queues its commands on our transaction instead of opening one
         jobstore.create(r, record, prefix=settings.key_prefix, pipeline=pipe)
-        queue.enqueue_call(
-            WORKER_FUNCTION,
-            args=(payload.model_dump(mode="json"),),
-            job_id=record.id,
-            timeout=settings.job_timeout_seconds,
-            result_ttl=RQ_RESULT_TTL_SECONDS,
-            failure_ttl=settings.rq_failure_ttl_seconds,
-            description=f"video {record.id}",
-            pipeline=pipe,
-        )
+        queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe)
         jobstore.queue_info_commands(pipe, record.id, prefix=settings.key_prefix)
         *_, position, durations = pipe.execute()
     except BaseException:
@@ -299,7 +269,7 @@ def cancel_video(
             Job.fetch(job_id, connection=queue.connection).delete(remove_from_queue=True)
         except NoSuchJobError:
             pass
-        notify(r, record, "video.canceled", settings)
+        webhooks.notify(r, record, "video.canceled", prefix=settings.key_prefix)
     event = "job.canceled" if record.status == JobStatus.canceled else "job.cancel_requested"
     audit(event, record, outcome=record.status.value, request_id=request_id)
     return present(record, settings)

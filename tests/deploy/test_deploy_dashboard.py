@@ -50,7 +50,8 @@ def test_the_required_panels_are_there(dashboard_queries):
         return any(re.search(pattern, expr) for expr in exprs)
 
     assert has(r"^max\(bora_queue_depth\)$"), "queue depth"
-    assert has(r"sum by \(status\) \(rate\(bora_worker_jobs_total\[.*\* 60$"), "jobs per minute by status"
+    # Jobs by outcome come from the API's Redis counters (every terminal path), not from the workers'.
+    assert has(r"sum by \(status\) \(.*rate\(bora_jobs_finished_total\[.*\* 60$"), "jobs per minute by status"
     for quantile in ("0.5", "0.95"):
         assert has(rf"histogram_quantile\({quantile}, sum by \(le, stage\) \(rate\(bora_worker_stage_duration"), quantile
     assert has(r"sum by \(instance\) \(rate\(bora_worker_denoising_steps_total\["), "denoising steps/s per worker"
@@ -58,7 +59,8 @@ def test_the_required_panels_are_there(dashboard_queries):
     assert has(r"bora_worker_gpu_memory_bytes"), "GPU memory"
     assert has(r"sum by \(route\) \(rate\(bora_http_requests_total\["), "API request rate"
     assert has(r'code=~"5\.\.".*/ sum\(rate\(bora_http_requests_total'), "API error ratio"
-    assert has(r'sum by \(code\) \(.*bora_worker_jobs_total\{status="failed"\}'), "failures by code"
+    assert has(r'by \(code\) \(.*bora_jobs_finished_total\{status="failed"\}'), "failures by code"
+    assert not has(r"bora_worker_jobs_total"), "worker counters miss worker_lost and API cancels"
 
 
 def test_stage_panels_do_not_filter_out_a_required_stage(dashboard_queries):

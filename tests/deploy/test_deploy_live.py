@@ -18,9 +18,7 @@ issue names, and Prometheus must report every rule healthy (no evaluation error)
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +31,9 @@ import httpx
 import pytest
 import redis
 import yaml
-from deploy_files import PROMETHEUS_DIR, REPO_ROOT, require_binary
+from deploy_files import PROMETHEUS_DIR, require_binary
+
+from tests.support import free_port, stack_env, start_process, stop_processes
 
 REDIS_DB = 13  # tests/deploy's own DB index on the machine's Redis (keys are also prefixed per run)
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -43,12 +43,6 @@ JOB_BODY = {"prompt": "A beating human heart, cross-section, ultrasound style", 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(what: str, check, timeout: float, procs: dict[str, subprocess.Popen], logs: Path) -> Any:
@@ -107,14 +101,10 @@ def stack(tmp_path, tiny_model_dir) -> Iterator[dict[str, Any]]:
     logs = tmp_path / "logs"
     logs.mkdir()
     storage_dir = tmp_path / "videos"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BORA_")}
-    env.update(
-        BORA_REDIS_URL=REDIS_URL, BORA_KEY_PREFIX=prefix, BORA_DATA_DIR=str(tmp_path / "data"),
-        BORA_STORAGE="local", BORA_STORAGE_DIR=str(storage_dir), BORA_MODEL_PRESET="tiny",
-        BORA_MODEL_DIR=str(tiny_model_dir), BORA_DEVICE="cpu", BORA_WORKER_METRICS_PORT=str(worker_port),
-        BORA_HOST="127.0.0.1", BORA_PORT=str(api_port), BORA_HEARTBEAT_INTERVAL_SECONDS="1",
-        BORA_AUTH="disabled",  # loopback only; keys and tenants are tested in tests/service
-        HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    env = stack_env(
+        REDIS_URL, prefix, tmp_path / "data", tiny_model_dir, api_port,
+        BORA_STORAGE="local", BORA_STORAGE_DIR=str(storage_dir), BORA_WORKER_METRICS_PORT=str(worker_port),
+        BORA_HEARTBEAT_INTERVAL_SECONDS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
     )
     prom_dir = tmp_path / "prometheus"
     (prom_dir / "data").mkdir(parents=True)
@@ -130,23 +120,14 @@ def stack(tmp_path, tiny_model_dir) -> Iterator[dict[str, Any]]:
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name, command in commands.items():
-            with open(logs / f"{name}.log", "wb") as log:
-                procs[name] = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs[name] = start_process(command, env, logs / f"{name}.log")
         yield {
             "api": httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10),
             "prometheus": httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10),
             "storage_dir": storage_dir, "procs": procs, "logs": logs,
         }
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs.values())
         keys = list(r.scan_iter(match=f"*{prefix}*", count=500))
         if keys:
             r.delete(*keys)
@@ -206,7 +187,8 @@ def test_every_dashboard_and_alert_query_returns_data(stack, dashboard_queries, 
 
     # Prometheus has scraped the final counts and evaluated the rules on them.
     wait_for("all four jobs in Prometheus",
-             lambda: (s := query(prom, "sum(bora_worker_jobs_total)")) and value(s[0]) >= 4, 30, procs, logs)
+             lambda: (s := query(prom, "max(sum by (instance) (bora_jobs_finished_total))")) and value(s[0]) >= 4,
+             30, procs, logs)
     wait_for("the recording rules", lambda: query(prom, "bora:job_failure_ratio:rate15m"), 30, procs, logs)
     time.sleep(2)  # two more scrapes and rule evaluations after the last job
 

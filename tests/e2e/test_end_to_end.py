@@ -8,69 +8,51 @@ submit over HTTP → queue_position falls → running (progress rises) → succe
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from redis import Redis
 
+from tests.support import (
+    delete_stack_keys,
+    free_port,
+    redis_or_skip,
+    stack_env,
+    start_process,
+    stop_processes,
+    wait_for,
+    wait_http,
+)
 from worker.video import SYNTHETIC_LABEL, probe_mp4
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/12"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Service:
     def __init__(self, tmp: Path, model_dir: Path) -> None:
         self.prefix = "e2e" + secrets.token_hex(4)
-        self.api_port, self.metrics_port = _free_port(), _free_port()
+        self.api_port, self.metrics_port = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
-        self.env = {
-            **os.environ,
-            "BORA_REDIS_URL": REDIS_URL,
-            "BORA_KEY_PREFIX": self.prefix,
-            "BORA_DATA_DIR": str(tmp / "data"),
-            "BORA_MODEL_PRESET": "tiny",
-            "BORA_MODEL_DIR": str(model_dir),
-            "BORA_DEVICE": "cpu",
-            "BORA_HOST": "127.0.0.1",
-            "BORA_AUTH": "disabled",  # loopback only; keys and tenants are tested in tests/service
-            "BORA_PORT": str(self.api_port),
-            "BORA_WORKER_METRICS_PORT": str(self.metrics_port),
-            "BORA_WORKER_ID": f"{self.prefix}-worker",
-            "BORA_HEARTBEAT_INTERVAL_SECONDS": "1",
-            "OMP_NUM_THREADS": "1",
-        }
+        self.env = stack_env(
+            REDIS_URL,
+            self.prefix,
+            tmp / "data",
+            model_dir,
+            self.api_port,
+            BORA_WORKER_METRICS_PORT=str(self.metrics_port),
+            BORA_WORKER_ID=f"{self.prefix}-worker",
+            BORA_HEARTBEAT_INTERVAL_SECONDS="1",
+        )
         self.logs = tmp
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log)
+        proc = start_process([sys.executable, *args], self.env, self.logs / f"{name}.log")
         self.procs.append(proc)
         return proc
 
@@ -78,35 +60,18 @@ class Service:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs)
 
 
 @pytest.fixture
 def service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service]:
-    r = Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    r = redis_or_skip(REDIS_URL)
     svc = Service(tmp_path, tiny_model_dir)
     try:
         yield svc
     finally:
         svc.stop()
-        keys = set(r.scan_iter(match=f"*{svc.prefix}*", count=1000))
-        for job_id in r.zrange(f"{svc.prefix}:jobs", 0, -1):
-            keys.update(r.scan_iter(match=f"*{job_id.decode()}*", count=1000))
-        if keys:
-            r.delete(*keys)
-        r.srem("rq:workers", f"{svc.prefix}-worker")
-        r.srem("rq:queues", f"rq:queue:{svc.prefix}-videos")
+        delete_stack_keys(r, svc.prefix)
 
 
 def test_submit_poll_download(service: Service, tmp_path: Path) -> None:
@@ -123,7 +88,7 @@ def test_submit_poll_download(service: Service, tmp_path: Path) -> None:
         "warning",
     )
     client = httpx.Client(base_url=service.base, timeout=10)
-    _wait_for(lambda: api.poll() is None and _ok(client, "/healthz"), 30, "the API: " + service.log("api"))
+    wait_http(f"{service.base}/healthz", api, 30, "the API", log=service.logs / "api.log")
 
     # Three jobs before any worker exists: they wait, in order.
     body = {
@@ -154,7 +119,7 @@ def test_submit_poll_download(service: Service, tmp_path: Path) -> None:
             progress.append(job["progress"])
         return job["status"] in ("succeeded", "failed", "canceled")
 
-    _wait_for(watch, 120, "the jobs to finish", interval=0.05)
+    wait_for(watch, 120, "the jobs to finish", interval=0.05)
 
     assert positions == sorted(positions, reverse=True) and positions[0] == 3 and positions[-1] < 3
     assert progress == sorted(progress) and progress[-1] == 100
@@ -197,10 +162,3 @@ def test_submit_poll_download(service: Service, tmp_path: Path) -> None:
     assert worker.wait(timeout=30) == 0, service.log("worker")
     assert client.get("/readyz").status_code == 503
     assert '"event": "job.succeeded"' in service.log("worker") or "job.succeeded" in service.log("worker")
-
-
-def _ok(client: httpx.Client, path: str) -> bool:
-    try:
-        return client.get(path).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -5,11 +5,10 @@ every webhook signature with service.webhooks.verify."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -21,31 +20,27 @@ from typing import Any
 
 import httpx
 import pytest
-from redis import Redis
 
 from service.webhooks import VerificationFailed, verify
+from tests.support import (
+    REPO_ROOT,
+    delete_stack_keys,
+    free_port,
+    redis_or_skip,
+    stack_env,
+    start_process,
+    stop_processes,
+    wait_for,
+    wait_http,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/12"
 SHORT = {"num_frames": 8, "height": 32, "width": 48, "num_inference_steps": 2, "sampler": "ddim"}
 # ~100 steps on 16 × 128 × 128: long enough to cancel mid-denoising on a loaded CPU.
 LONG = {"num_frames": 16, "height": 128, "width": 128, "num_inference_steps": 100, "sampler": "ddim"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+_wait_for = functools.partial(wait_for, interval=0.05)  # this module polls twice as often
 
 
 class Receiver:
@@ -87,37 +82,30 @@ class Receiver:
 class Service:
     def __init__(self, tmp: Path, model_dir: Path) -> None:
         self.prefix = "ev" + secrets.token_hex(4)
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BORA_")}
-        self.env.update({
-            "BORA_REDIS_URL": REDIS_URL,
-            "BORA_KEY_PREFIX": self.prefix,
-            "BORA_DATA_DIR": str(tmp / "data"),
-            "BORA_MODEL_PRESET": "tiny",
-            "BORA_MODEL_DIR": str(model_dir),
-            "BORA_DEVICE": "cpu",
-            "BORA_HOST": "127.0.0.1",
-            "BORA_PORT": str(self.port),
-            "BORA_AUTH": "disabled",
-            "BORA_RATE_LIMIT_PER_SECOND": "0",
-            "BORA_WORKER_METRICS_PORT": "0",
-            "BORA_WORKER_ID": f"{self.prefix}-worker",
-            "BORA_HEARTBEAT_INTERVAL_SECONDS": "1",
-            "BORA_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-            "BORA_WEBHOOK_ALLOW_HTTP_LOOPBACK": "true",
-            "BORA_WEBHOOK_SECRET": "e2e-master-secret",
-            "BORA_WEBHOOK_BACKOFF_SECONDS": "[0, 2, 2]",
-            "BORA_EVENTS_POLL_INTERVAL_SECONDS": "0.05",
-            "BORA_EVENTS_KEEPALIVE_SECONDS": "0.1",
-            "OMP_NUM_THREADS": "1",
-        })
+        self.env = stack_env(
+            REDIS_URL,
+            self.prefix,
+            tmp / "data",
+            model_dir,
+            self.port,
+            BORA_RATE_LIMIT_PER_SECOND="0",
+            BORA_WORKER_METRICS_PORT="0",
+            BORA_WORKER_ID=f"{self.prefix}-worker",
+            BORA_HEARTBEAT_INTERVAL_SECONDS="1",
+            BORA_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+            BORA_WEBHOOK_ALLOW_HTTP_LOOPBACK="true",
+            BORA_WEBHOOK_SECRET="e2e-master-secret",
+            BORA_WEBHOOK_BACKOFF_SECONDS="[0, 2, 2]",
+            BORA_EVENTS_POLL_INTERVAL_SECONDS="0.05",
+            BORA_EVENTS_KEEPALIVE_SECONDS="0.1",
+        )
         self.logs = tmp
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log)
+        proc = start_process([sys.executable, *args], self.env, self.logs / f"{name}.log")
         self.procs.append(proc)
         return proc
 
@@ -135,23 +123,12 @@ class Service:
         return lines
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs)
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[Service, httpx.Client, Receiver]]:
-    r = Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    r = redis_or_skip(REDIS_URL)
     svc = Service(tmp_path_factory.mktemp("events"), tiny_model_dir)
     receiver = Receiver()
     client = httpx.Client(base_url=svc.base, timeout=10)
@@ -160,26 +137,15 @@ def service(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[Service, h
                         str(svc.port), "--log-level", "warning")
         svc.spawn("worker", "-m", "worker.main", "--grace", "5")
         svc.spawn("webhooks", "-m", "service.webhook_sender")
-
-        def up() -> bool:
-            assert api.poll() is None, svc.log("api")
-            try:
-                return client.get("/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        _wait_for(up, 120, "the API and a ready worker", interval=0.2)
+        wait_http(
+            f"{svc.base}/readyz", api, 120, "the API and a ready worker", log=svc.logs / "api.log", interval=0.2
+        )
         yield svc, client, receiver
     finally:
         client.close()
         receiver.server.shutdown()
         svc.stop()
-        keys = set(r.scan_iter(match=f"*{svc.prefix}*", count=1000))
-        for job_id in r.zrange(f"{svc.prefix}:jobs", 0, -1):
-            keys.update(r.scan_iter(match=f"*{job_id.decode()}*", count=1000))
-        if keys:
-            r.delete(*keys)
-        r.srem("rq:queues", f"rq:queue:{svc.prefix}-videos", f"rq:queue:{svc.prefix}-webhooks")
+        delete_stack_keys(r, svc.prefix)
 
 
 def _submit(client: httpx.Client, body: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:

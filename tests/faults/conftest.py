@@ -10,13 +10,9 @@ settings, so worker loss and outages are detected in about a second.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,8 @@ import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import free_port, stack_env, start_process, stop_processes, wait_for, wait_http
+
 PREFIX = "bora"  # the Redis server is ours alone: the default prefix is fine
 # Small and quick on 2 CPU cores: ~0.1 s per denoising step for the tiny model at this size.
 JOB = {"prompt": "a beating heart, ultrasound", "num_frames": 4, "height": 32, "width": 32, "sampler": "ddim"}
@@ -47,22 +44,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("fault-test figures")
         for line in figures:
             terminalreporter.write_line(line)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class RedisServer:
@@ -114,17 +95,12 @@ class Stack:
         self.redis = redis
         self.api_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BORA_")}
-        self.env.update(
-            BORA_REDIS_URL=redis.url,
-            BORA_KEY_PREFIX=PREFIX,
-            BORA_DATA_DIR=str(tmp / "data"),
-            BORA_MODEL_PRESET="tiny",
-            BORA_MODEL_DIR=str(model_dir),
-            BORA_DEVICE="cpu",
-            BORA_HOST="127.0.0.1",
-            BORA_PORT=str(self.api_port),
-            BORA_AUTH="disabled",
+        self.env = stack_env(
+            redis.url,
+            PREFIX,
+            tmp / "data",
+            model_dir,
+            self.api_port,
             BORA_RATE_LIMIT_PER_SECOND="0",
             BORA_WORKER_METRICS_PORT="0",
             BORA_REDIS_TIMEOUT_SECONDS="1",
@@ -133,16 +109,12 @@ class Stack:
             BORA_REAPER_INTERVAL_SECONDS="1",
             BORA_UPLOAD_ATTEMPTS="2",
             BORA_UPLOAD_BACKOFF_SECONDS="0.2",
-            OMP_NUM_THREADS="1",
         )
-        self.env.update(settings)
+        self.env.update(settings)  # the test's own, over the defaults above
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the process owns it
-        process = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log
-        )
+        process = start_process([sys.executable, *args], self.env, self.tmp / f"{name}.log")
         self.processes[name] = process
         return process
 
@@ -154,15 +126,7 @@ class Stack:
             "api", "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.api_port),
             "--log-level", "warning", "--timeout-graceful-shutdown", "10",
         )  # fmt: skip
-
-        def up() -> bool:
-            assert api.poll() is None, self.log("api")
-            try:
-                return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, 30, "the API")
+        wait_http(f"{self.base}/healthz", api, 30, "the API", log=self.tmp / "api.log")
         return api
 
     def start_worker(self, name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -207,15 +171,7 @@ class Stack:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes.values())
 
 
 def error_of(job: dict[str, Any]) -> str | None:

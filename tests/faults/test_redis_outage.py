@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.faults.conftest import JOB, PREFIX, dump, wait_for
+from tests.faults.conftest import JOB, PREFIX, dump
+from tests.support import wait_for
 
 OUTAGE_S = 4.0
 SLOW = {"num_frames": 16, "height": 64, "width": 64, "num_inference_steps": 100}

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.faults.conftest import PREFIX, dump, wait_for
+from tests.faults.conftest import PREFIX, dump
+from tests.support import wait_for
 
 SLOW = {"num_frames": 16, "height": 64, "width": 64, "num_inference_steps": 100}  # a few seconds here
 

@@ -17,12 +17,13 @@ import httpx
 import pytest
 from rq import Queue, SimpleWorker
 
-from service import jobstore, reaper
+from service import jobstore, queueing, reaper
 from service.config import Settings
 from service.connection import connect
 from service.schemas import JobRecord, JobStatus, Stage, VideoInput, utcnow
 from service.storage import make_storage
-from tests.faults.conftest import JOB, dump, error_of, free_port, wait_for
+from tests.faults.conftest import JOB, dump, error_of
+from tests.support import free_port, wait_for
 
 MEDIUM = {"num_frames": 16, "height": 64, "width": 64, "num_inference_steps": 40}
 
@@ -225,7 +226,7 @@ def test_objects_of_a_failed_job_are_deleted_even_if_storage_was_down(
         model="tiny", input=inp, seed=1,
     )  # fmt: skip
     jobstore.create(r, record, prefix=settings.key_prefix)
-    reaper.enqueue(r, settings, reaper.payload_of(record))
+    queueing.enqueue(r, settings, queueing.payload_of(record))
     jobs.install(rt)
     try:
         SimpleWorker([Queue(settings.queue_name, connection=r)], connection=r).work(burst=True)

@@ -15,7 +15,8 @@ import time
 import httpx
 from rq.registry import StartedJobRegistry
 
-from tests.faults.conftest import PREFIX, dump, error_of, wait_for
+from tests.faults.conftest import PREFIX, dump, error_of
+from tests.support import wait_for
 
 N_JOBS = 20
 LONG = {"num_frames": 16, "height": 64, "width": 64, "num_inference_steps": 40}  # ~1 s per job here

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
@@ -42,16 +39,11 @@ from service.schemas import (
     utcnow,
 )
 from service.storage import LocalStorage, output_key
+from tests.support import free_port, moto_s3, redis_or_skip, stop_processes, wait_http
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 TENANT = "tenant-a"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cleanup(r: Redis, prefix: str) -> None:
@@ -67,12 +59,7 @@ def cleanup(r: Redis, prefix: str) -> None:
 
 @pytest.fixture
 def redis_conn() -> Redis:
-    r = Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except Exception as exc:  # pragma: no cover - environment problem
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    return r
+    return redis_or_skip(REDIS_URL)
 
 
 @pytest.fixture
@@ -181,35 +168,13 @@ def live_server(settings: Settings) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.1)
+        wait_http(f"{base}/healthz", process, 30, "uvicorn")
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_processes([process], timeout=10)
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """moto's S3 server over HTTP on a free loopback port."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    yield from moto_s3()

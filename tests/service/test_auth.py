@@ -23,10 +23,10 @@ from tests.service.conftest import (
     bearer,
     bora_env,
     finish_like_worker,
-    free_port,
     key_for,
     queued_record,
 )
+from tests.support import free_port
 
 ERROR_FIELDS = {"type", "code", "message", "param"}
 
@@ -150,7 +150,7 @@ def test_auth_disabled_is_tenant_default_on_loopback_only(settings, redis_conn):
     for host in ["0.0.0.0", "10.1.2.3", "::", "bora.example"]:
         with pytest.raises(ValidationError, match="BORA_AUTH=disabled is refused"):
             Settings(auth="disabled", host=host)
-    with TestClient(create_app(settings.model_copy(update={"auth": "disabled"}))) as c:
+    with TestClient(create_app(settings.model_copy(update={"auth": "disabled"})), base_url="http://127.0.0.1") as c:
         job_id = c.post("/v1/videos", json={"prompt": "p"}).json()["id"]
         assert jobstore.get(redis_conn, job_id, prefix=settings.key_prefix).tenant == DEFAULT_TENANT
         assert c.get(f"/v1/videos/{job_id}").status_code == 200

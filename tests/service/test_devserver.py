@@ -15,7 +15,8 @@ from rq import Queue
 
 from service import devserver
 from service.config import Settings
-from tests.service.conftest import REPO_ROOT, bearer, bora_env, free_port
+from tests.service.conftest import REPO_ROOT, bearer, bora_env
+from tests.support import free_port, wait_http
 
 
 def test_given_url_wins(tmp_path):
@@ -73,15 +74,7 @@ def test_devserver_runs_the_api_and_stops_on_signal(settings, api_key, signum):
     env = bora_env(settings, BORA_PORT=str(port))
     process = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "devserver did not come up"
-            time.sleep(0.1)
+        wait_http(f"http://127.0.0.1:{port}/healthz", process, 30, "the devserver")
         response = httpx.post(f"http://127.0.0.1:{port}/v1/videos", json={"prompt": "p"}, headers=bearer(api_key))
         assert response.status_code == 202
         process.send_signal(signum)

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
 
-from service.idempotency import TTL_SECONDS, body_sha256, check_key, claim, release
+from service.idempotency import TTL_SECONDS, body_sha256, claim, release
+from tests.support import scratch_redis
 
 
 @pytest.fixture
 def r():
-    client = redis.Redis(host="127.0.0.1", port=6379, db=14, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    prefix = f"test-idem-{uuid.uuid4().hex[:8]}"
-    yield client, prefix
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
-    client.close()
+    yield from scratch_redis("test-idem")
 
 
 def test_first_claim_wins_replay_returns_it_and_other_body_conflicts(r):
@@ -68,10 +58,3 @@ def test_expired_claim_can_be_reused(r):
     claim(client, prefix, "t", "short", "h", "job-a", ttl=1)
     client.delete(f"{prefix}:idem:t:short")  # what expiry does, without waiting a second
     assert claim(client, prefix, "t", "short", "h2", "job-b") == (None, False)
-
-
-def test_check_key():
-    assert check_key("order-123_abc") == "order-123_abc"
-    for bad in ["", "a b", "x" * 256, "naïve", "tab\there"]:
-        with pytest.raises(ValueError):
-            check_key(bad)

@@ -14,6 +14,7 @@ from rq import Queue
 
 from service import jobstore, webhooks
 from service.config import Settings
+from service.logs import JsonFormatter
 from service.main import create_app
 from service.schemas import JobStatus, Stage
 from tests.service.conftest import REDIS_URL, queued_record
@@ -32,7 +33,7 @@ def hooks_settings(prefix, tmp_path) -> Settings:
 
 @pytest.fixture
 def hooks_client(hooks_settings) -> Iterator[TestClient]:
-    with TestClient(create_app(hooks_settings), raise_server_exceptions=False) as c:
+    with TestClient(create_app(hooks_settings), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -40,7 +41,7 @@ def hooks_client(hooks_settings) -> Iterator[TestClient]:
 def plain_client(prefix, tmp_path) -> Iterator[TestClient]:
     settings = Settings(redis_url=REDIS_URL, key_prefix=prefix, data_dir=tmp_path / "data", auth="disabled",
                         rate_limit_per_second=0)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+    with TestClient(create_app(settings), raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -144,7 +145,7 @@ def test_api_writes_audit_lines_with_the_request_id(hooks_client, caplog):
     job = hooks_client.post("/v1/videos", json={"prompt": "an audited heart", "seed": 3},
                             headers={"X-Request-ID": "req-audit-1"}).json()
     hooks_client.post(f"/v1/videos/{job['id']}/cancel", headers={"X-Request-ID": "req-audit-2"})
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "bora.audit"]
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "bora.audit"]
     created, canceled = [line for line in lines if line["job_id"] == job["id"]]
     digest = hashlib.sha256(b"an audited heart").hexdigest()
     assert created["event"] == "job.created" and created["outcome"] == "queued"

@@ -109,15 +109,12 @@ def test_running_twice_is_refused(redis_conn, prefix, job):
 
 
 def test_cancel_paths(redis_conn, prefix, job):
-    assert not jobstore.is_cancel_requested(redis_conn, job.id, prefix=prefix)
     other = queued_record()
     jobstore.create(redis_conn, other, prefix=prefix)
     assert jobstore.request_cancel(redis_conn, other.id, prefix=prefix).status == "canceled"
-    assert jobstore.is_cancel_requested(redis_conn, other.id, prefix=prefix)
 
     jobstore.mark_running(redis_conn, job.id, "w1", prefix=prefix)
     assert jobstore.request_cancel(redis_conn, job.id, prefix=prefix).status == "canceling"
-    assert jobstore.is_cancel_requested(redis_conn, job.id, prefix=prefix)
     assert jobstore.update_progress(redis_conn, job.id, Stage.denoising, 1, prefix=prefix) == "canceling"
     # The worker may still finish (it was writing outputs); succeeded wins over a late cancel.
     assert jobstore.mark_succeeded(redis_conn, job.id, OUTPUTS, Timings(), prefix=prefix).status == "succeeded"
@@ -136,7 +133,6 @@ def test_requeue_after_worker_loss(redis_conn, prefix, job):
 def test_unknown_job(redis_conn, prefix):
     assert jobstore.get(redis_conn, "vid_missing", prefix=prefix) is None
     assert jobstore.update_progress(redis_conn, "vid_missing", Stage.denoising, prefix=prefix) is None
-    assert jobstore.is_cancel_requested(redis_conn, "vid_missing", prefix=prefix)
     for attempt in [
         lambda: jobstore.mark_running(redis_conn, "vid_missing", "w", prefix=prefix),
         lambda: jobstore.mark_failed(redis_conn, "vid_missing", "internal", "x", prefix=prefix),
@@ -162,8 +158,8 @@ def test_queue_eta_from_recent_durations(redis_conn, prefix):
         queue.enqueue_call("worker.jobs.run_video_job", args=({},), job_id=record.id)
     second = jobstore.get(redis_conn, waiting[1].id, prefix=prefix)
     assert second.queue_position == 2 and second.eta_seconds == 8.0
-    assert jobstore.queue_position(redis_conn, waiting[0].id, prefix=prefix) == 1
-    assert jobstore.queue_position(redis_conn, done.id, prefix=prefix) is None
+    assert jobstore.get(redis_conn, waiting[0].id, prefix=prefix).queue_position == 1
+    assert jobstore.get(redis_conn, done.id, prefix=prefix).queue_position is None
 
 
 def test_list_by_tenant_and_ties(redis_conn, prefix):

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
-import redis
 
 from service.ratelimit import Decision, RateLimiter
+from tests.support import scratch_redis
 
 
 @pytest.fixture
 def r():
-    client = redis.Redis(host="127.0.0.1", port=6379, db=14, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    prefix = f"test-rl-{uuid.uuid4().hex[:8]}"
-    yield client, prefix
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
-    client.close()
+    yield from scratch_redis("test-rl")
 
 
 def test_burst_then_refused_with_retry_after(r):

@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
-from tests.service.conftest import bearer, free_port, key_for
+from tests.service.conftest import bearer, key_for
+from tests.support import free_port
 
 
 @pytest.fixture

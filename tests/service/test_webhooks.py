@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import redis
 from rq import Queue
 
 from service import webhooks
@@ -21,13 +19,13 @@ from service.webhooks import (
     check_destination,
     deliver,
     deliver_attempt,
-    new_secret,
     next_delay,
     record_attempt,
     sign,
     tenant_webhook_secret,
     verify,
 )
+from tests.support import scratch_redis
 
 # Published by the Standard Webhooks specification (and the svix libraries' tests).
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -35,6 +33,10 @@ VECTOR_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
 VECTOR_TS = 1614265330
 VECTOR_BODY = b'{"test": 2432232314}'
 VECTOR_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def new_secret() -> str:
+    return tenant_webhook_secret("test-master", "some-tenant")
 
 
 def vector_headers(**override):
@@ -175,17 +177,7 @@ def test_server_error_and_unreachable_are_failures_not_exceptions():
 
 @pytest.fixture
 def r():
-    client = redis.Redis(host="127.0.0.1", port=6379, db=14, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    prefix = f"test-wh-{uuid.uuid4().hex[:8]}"
-    yield client, prefix
-    for pattern in (f"{prefix}:*", f"rq:*{prefix}*"):
-        for key in client.scan_iter(pattern):
-            client.delete(key)
-    client.close()
+    yield from scratch_redis("test-wh")
 
 
 def test_attempt_log_roundtrip(r):

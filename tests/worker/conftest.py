@@ -19,6 +19,7 @@ from service import jobstore
 from service.config import Settings
 from service.schemas import JobPayload, JobRecord, JobStatus, Stage, VideoInput, utcnow
 from service.storage import LocalStorage, Storage
+from tests.support import redis_or_skip
 from worker import jobs
 from worker.metrics import WorkerMetrics
 
@@ -28,12 +29,7 @@ WORKER_FUNCTION = "worker.jobs.run_video_job"
 
 @pytest.fixture
 def redis_conn() -> Redis:
-    r = Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except Exception as exc:  # pragma: no cover - environment problem, not a test failure
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    return r
+    return redis_or_skip(REDIS_URL)
 
 
 class Env:
@@ -107,6 +103,16 @@ class Env:
 
     def work(self) -> None:
         SimpleWorker([self.queue], connection=self.r, name=f"{self.prefix}-w").work(burst=True)
+
+    def run_one(self, runtime: jobs.Runtime, **overrides: Any) -> tuple[JobPayload, JobRecord]:
+        """Submit one job and work the queue with `runtime` installed meanwhile: the payload and the record."""
+        jobs.install(runtime)
+        try:
+            payload = self.submit(**overrides)
+            self.work()
+        finally:
+            jobs.install(None)
+        return payload, self.record(payload.job_id)
 
     def cleanup(self) -> None:
         keys: set[bytes] = set(self.r.scan_iter(match=f"*{self.prefix}*", count=1000))

@@ -183,13 +183,7 @@ class FlakyStorage(LocalStorage):
 
 def test_storage_errors_retried_then_succeed(env, make_runtime, tiny_pipeline):
     storage = FlakyStorage(env.settings.storage_dir, failures=2)
-    jobs.install(make_runtime(tiny_pipeline, storage))
-    try:
-        payload = env.submit()
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
+    _, record = env.run_one(make_runtime(tiny_pipeline, storage))
     assert record.status == JobStatus.succeeded
     assert storage.calls == 5  # 2 failures + video, thumbnail, sidecar
 
@@ -197,13 +191,7 @@ def test_storage_errors_retried_then_succeed(env, make_runtime, tiny_pipeline):
 def test_storage_down_fails_storage_error_and_leaves_nothing(env, make_runtime, tiny_pipeline):
     storage = FlakyStorage(env.settings.storage_dir, failures=10**6)
     rt = make_runtime(tiny_pipeline, storage)
-    jobs.install(rt)
-    try:
-        payload = env.submit()
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
+    _, record = env.run_one(rt)
     assert record.status == JobStatus.failed
     assert (record.error.code, record.error.retryable) == ("storage_error", True)
     assert storage.calls == rt.upload_attempts
@@ -219,13 +207,8 @@ def test_storage_fails_after_first_object_removes_it(env, make_runtime, tiny_pip
             super().put_file(key, path, content_type)
 
     storage = SidecarFails(env.settings.storage_dir)
-    jobs.install(make_runtime(tiny_pipeline, storage))
-    try:
-        payload = env.submit()
-        env.work()
-    finally:
-        jobs.install(None)
-    assert env.record(payload.job_id).error.code == "storage_error"
+    payload, record = env.run_one(make_runtime(tiny_pipeline, storage))
+    assert record.error.code == "storage_error"
     assert not storage.exists(f"videos/{payload.job_id}/video.mp4")
     assert not storage.exists(f"videos/{payload.job_id}/thumbnail.jpg")
 
@@ -242,15 +225,9 @@ def test_pipeline_failures_map_to_codes(env, make_runtime, tiny_pipeline, raises
     from model.errors import NumericalError
 
     exc = NumericalError("latent became NaN at step 2") if raises == "numerical" else raises
-    jobs.install(
+    _, record = env.run_one(
         make_runtime(WrappedPipeline(tiny_pipeline, raises=exc), LocalStorage(env.settings.storage_dir))
     )
-    try:
-        payload = env.submit()
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
     assert record.status == JobStatus.failed and record.error.code == code
     assert "Traceback" not in record.error.message and "secret internals" not in record.error.message
     if code == "internal":  # the traceback is in the log instead
@@ -299,48 +276,6 @@ def test_time_limit_fails_timeout(env, make_runtime, tiny_pipeline):
         LocalStorage(env.settings.storage_dir),
     )
     rt.settings = env.settings.model_copy(update={"job_timeout_seconds": 1})
-    jobs.install(rt)
-    try:
-        payload = env.submit(num_inference_steps=5)
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
+    _, record = env.run_one(rt, num_inference_steps=5)
     assert record.status == JobStatus.failed and record.error.code == "timeout"
     assert record.step is not None and record.step < 5
-
-
-def test_shutdown_past_grace_requeues(env, make_runtime, tiny_pipeline):
-    holder: dict[str, Any] = {"fired": False}
-
-    def shutdown_once(step_index, total):  # as if SIGTERM's grace ran out during step 1
-        if not holder["fired"]:
-            holder["fired"] = True
-            holder["rt"].shutdown.set()
-
-    rt = make_runtime(
-        WrappedPipeline(tiny_pipeline, on_step=shutdown_once), LocalStorage(env.settings.storage_dir)
-    )
-    holder["rt"] = rt
-    jobs.install(rt)
-    try:
-        payload = env.submit(num_inference_steps=4)
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
-    assert record.status == JobStatus.queued and record.attempts == 1 and record.worker_id is None
-    assert [p.job_id for p in rt.requeue] == [payload.job_id]
-
-    from worker.main import requeue_interrupted
-
-    rt.shutdown.clear()
-    requeue_interrupted(rt)
-    assert env.record(payload.job_id).queue_position == 1
-    jobs.install(rt)
-    try:
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
-    assert record.status == JobStatus.succeeded and record.attempts == 2

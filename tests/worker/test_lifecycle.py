@@ -111,8 +111,9 @@ def test_requeue(env):
     payload = env.submit(enqueue=False)
     life = _life(env, payload)
     life.start(None)
-    record = life.requeue("shutdown")
-    assert record.status == JobStatus.queued and record.attempts == 1 and record.worker_id is None
+    record = life.requeue("shutdown", env.settings)
+    assert record is not None and record.status == JobStatus.queued and record.attempts == 1
+    assert record.worker_id is None and env.record(payload.job_id).queue_position == 1
 
 
 def test_audit_lines_are_json_with_ids(env, caplog):

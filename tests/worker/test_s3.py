@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 
 import pytest
 
 from service.schemas import JobStatus
 from service.storage import S3Storage
-from worker import jobs
+from tests.support import moto_s3
 from worker.video import SYNTHETIC_LABEL, probe_mp4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    yield from moto_s3()
 
 
 def _storage(endpoint: str, bucket: str) -> S3Storage:
@@ -45,13 +32,7 @@ def _storage(endpoint: str, bucket: str) -> S3Storage:
 def test_job_uploads_to_s3(env, tiny_pipeline, make_runtime, s3_endpoint, tmp_path):
     storage = _storage(s3_endpoint, f"{env.prefix}-videos")
     storage.create_bucket()
-    jobs.install(make_runtime(tiny_pipeline, storage))
-    try:
-        payload = env.submit()
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
+    payload, record = env.run_one(make_runtime(tiny_pipeline, storage))
     assert record.status == JobStatus.succeeded, record.error
     out = record.outputs
     assert storage.size(out.video.key) == out.video.bytes
@@ -72,13 +53,6 @@ def test_job_uploads_to_s3(env, tiny_pipeline, make_runtime, s3_endpoint, tmp_pa
 
 def test_missing_bucket_fails_storage_error(env, tiny_pipeline, make_runtime, s3_endpoint):
     storage = _storage(s3_endpoint, f"{env.prefix}-nobucket")
-    rt = make_runtime(tiny_pipeline, storage, upload_attempts=2)
-    jobs.install(rt)
-    try:
-        payload = env.submit()
-        env.work()
-    finally:
-        jobs.install(None)
-    record = env.record(payload.job_id)
+    _, record = env.run_one(make_runtime(tiny_pipeline, storage, upload_attempts=2))
     assert record.status == JobStatus.failed and record.error.code == "storage_error"
     assert "after 2 attempts" in record.error.message
