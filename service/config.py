@@ -74,7 +74,9 @@ class Settings(BaseSettings):
         "float32", description="T5 precision: fp32 as upstream, or bf16 (fp16 overflows in T5)"
     )
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
-    worker_id: str | None = Field(None, description="Default <hostname>-<pid>")
+    worker_id: str | None = Field(
+        None, description="Default <hostname>-<pid>-<random>, new on every start; a pinned id must be unique per live worker"
+    )
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
     heartbeat_ttl_seconds: int = Field(30, ge=1)
     # Worker loss (service/reaper.py): every worker and the API look for jobs of dead workers this often;
