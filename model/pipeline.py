@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.errors import InvalidInput
+from model.errors import CheckpointError, InvalidInput
 from model.loading import load_stdit
 from model.presets import GenerationDefaults
 from model.schedulers import SAMPLERS, make_sampler
@@ -112,7 +112,7 @@ class BoraPipeline:
         path = Path(path)
         index_file = path / MODEL_INDEX
         if not index_file.is_file():
-            raise InvalidInput(f"{path} is not a Bora pipeline folder: {MODEL_INDEX} is missing")
+            raise CheckpointError(f"{path} is not a Bora pipeline folder: {MODEL_INDEX} is missing")
         index = json.loads(index_file.read_text())
         device = torch.device(device) if device is not None else default_device()
         dtype = torch_dtype or default_dtype(device)

@@ -84,3 +84,10 @@ def test_non_finite_latent_raises_numerical_error(tiny_model_dir):
         broken.transformer.final_layer.linear.bias.fill_(float("inf"))
     with pytest.raises(NumericalError):
         broken("mri", seed=0, **SMALL)
+
+
+def test_a_folder_without_model_index_is_refused_clearly(tmp_path):
+    from model.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="model_index.json is missing"):
+        BoraPipeline.from_pretrained(tmp_path, device="cpu")
