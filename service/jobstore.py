@@ -182,25 +182,10 @@ def _spec(
     }
 
 
-def _transition(
-    r: Redis,
-    job_id: str,
-    *,
-    prefix: str,
-    allowed: Iterable[JobStatus],
-    status: JobStatus | None = None,
-    set_fields: dict[str, Any] | None = None,
-    del_fields: Sequence[str] = (),
-    incr: dict[str, int] | None = None,
-    stat: str = "",
-    ttl: bool = False,
-    push: str = "",
-) -> tuple[int, str]:
+def _transition(r: Redis, job_id: str, *, prefix: str, **change: Any) -> tuple[int, str]:
+    """Apply one `_spec(**change)` to the job in one Lua call; returns (code, status before)."""
     keys = Keys(prefix)
-    spec = _spec(
-        allowed=allowed, status=status, set_fields=set_fields, del_fields=del_fields, incr=incr, stat=stat, ttl=ttl,
-        push=push,
-    )
+    spec = _spec(**change)
     script = r.register_script(_TRANSITION_LUA)
     code, current = script(
         keys=[keys.job(job_id), keys.stats_finished, keys.stats_durations], args=[json.dumps(spec)]
