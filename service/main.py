@@ -14,7 +14,7 @@ from service import auth, handlers, logs, reaper
 from service.admission import Admission
 from service.config import Settings, get_settings
 from service.connection import connect
-from service.keys import KeyStore
+from service.keys import KeyFileError, KeyStore
 from service.metrics import ApiMetrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.models import MODELS
@@ -74,6 +74,9 @@ def __getattr__(name: str) -> Any:
     global _app
     if name == "app":
         if _app is None:
-            _app = create_app()
+            try:
+                _app = create_app()
+            except KeyFileError as error:  # a start-up refusal with its reason, not a traceback
+                raise SystemExit(f"bora API: {error}") from None
         return _app
     raise AttributeError(name)
