@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 SCHEMA_VERSION = 1
 MAX_PROMPT_CHARS = 2000
@@ -78,6 +78,13 @@ WEBHOOK_EVENTS: tuple[str, ...] = (
 DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("video.started", "video.succeeded", "video.failed", "video.canceled")
 MAX_WEBHOOK_URL_CHARS = 2048
 
+def _no_nul(text: str) -> str:
+    """NUL can't travel through C strings (ffmpeg arguments, many log and text tools): refuse it at the door."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return text
+
+
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
 StrictInt = Annotated[int, Field(strict=True)]
@@ -121,7 +128,7 @@ class VideoCreate(BaseModel):
         },
     )
 
-    prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)] = Field(
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_no_nul)] = Field(
         description="What the video shows. Cut at the text encoder's 120 tokens (a warning says so)."
     )
     num_frames: Annotated[int, Field(strict=True, ge=1, le=64)] | None = Field(

@@ -42,6 +42,7 @@ BOUND_CASES = [
     ({"metadata": {"k": 1}}, "body.metadata.k"),
     ({"metadata": {f"k{i}": "é" * 200 for i in range(8)}}, "body.metadata"),  # over 2048 bytes of JSON
     ({"unknown_field": 1}, "body.unknown_field"),
+    ({"prompt": "a heart\x00 beating"}, "body.prompt"),  # NUL can't reach ffmpeg's argv: refused at the door
 ]
 
 
