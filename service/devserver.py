@@ -34,7 +34,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from service.config import Settings, get_settings
+from service.jobs.config import Settings, get_settings
 
 log = logging.getLogger("bora.devserver")
 

@@ -235,7 +235,7 @@ def _keys_file(file: Path | None) -> Path:
     """The file given, else the one the API reads (its settings, so the two can never disagree)."""
     if file is not None:
         return file
-    from service.config import Settings
+    from service.jobs.config import Settings
 
     return Settings().api_keys_file  # type: ignore[return-value]  # derived, never None
 

@@ -27,11 +27,11 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import reaper
-from service.config import Settings
-from service.errors import InvalidTransition, JobNotFound
-from service.errors import StorageError as ServiceStorageError
-from service.schemas import (
+from service.jobs import reaper
+from service.jobs.config import Settings
+from service.jobs.errors import InvalidTransition, JobNotFound
+from service.jobs.errors import StorageError as ServiceStorageError
+from service.jobs.schemas import (
     FileOutput,
     ImageOutput,
     JobPayload,
@@ -45,7 +45,7 @@ from service.schemas import (
     content_url,
     utcnow,
 )
-from service.storage import Storage, output_key
+from service.jobs.storage import Storage, output_key
 from worker import errors
 from worker.lifecycle import Heartbeat, JobLifecycle
 from worker.metrics import WorkerMetrics

@@ -1,6 +1,6 @@
 """The worker's only path to job state and to its own heartbeat.
 
-`JobLifecycle` wraps service.jobstore's transitions for one job: each one also writes a structured audit
+`JobLifecycle` wraps service.jobs.jobstore's transitions for one job: each one also writes a structured audit
 log line (job id, request id, tenant, prompt sha256, params, outcome) and, when terminal, counts the job in
 the worker's metrics. `Heartbeat` publishes `P:worker:{wid}` (TTL'd) from a background thread and on every
 state change, so the API's /readyz and the reaper see this worker's state.
@@ -19,10 +19,10 @@ from typing import Any
 
 from redis import Redis
 
-from service import heartbeats, jobstore, queueing, webhooks
-from service.config import Settings
-from service.errors import InvalidTransition, JobNotFound
-from service.schemas import (
+from service.jobs import heartbeats, jobstore, queueing, webhooks
+from service.jobs.config import Settings
+from service.jobs.errors import InvalidTransition, JobNotFound
+from service.jobs.schemas import (
     JobRecord,
     JobStatus,
     JobWarning,
@@ -93,7 +93,7 @@ class JobLifecycle:
     # -- transitions ------------------------------------------------------------------------------------
 
     def start(self, weights_sha256: str | None) -> JobRecord:
-        """queued -> running (stage loading). Raises service.errors.InvalidTransition if it was canceled."""
+        """queued -> running (stage loading). Raises service.jobs.errors.InvalidTransition if it was canceled."""
         record = jobstore.mark_running(
             self.r, self.job_id, self.worker_id, prefix=self.prefix, weights_sha256=weights_sha256
         )

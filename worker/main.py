@@ -30,11 +30,11 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 
-from service import reaper
-from service.config import Settings, get_settings
-from service.connection import connect
-from service.schemas import WorkerState
-from service.storage import make_storage
+from service.jobs import reaper
+from service.jobs.config import Settings, get_settings
+from service.jobs.connection import connect
+from service.jobs.schemas import WorkerState
+from service.jobs.storage import make_storage
 from worker import jobs, logs
 from worker.lifecycle import Heartbeat, default_worker_id
 from worker.metrics import WorkerMetrics

@@ -1,7 +1,7 @@
 """Cancellation, live events, signed webhooks and the audit trail on the whole service, on real parts:
 `uvicorn service.main:app`, `python -m worker.main` (tiny model) and `python -m service.webhook_sender` as
 subprocesses, the machine's Redis (own DB index and key prefix), and a loopback HTTP receiver that checks
-every webhook signature with service.webhooks.verify."""
+every webhook signature with service.jobs.webhooks.verify."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from service.webhooks import VerificationFailed, verify
+from service.jobs.webhooks import VerificationFailed, verify
 from tests.support import (
     REPO_ROOT,
     delete_stack_keys,
     free_port,
-    redis_or_skip,
+    require_redis,
     stack_env,
     start_process,
     stop_processes,
@@ -128,7 +128,7 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[Service, httpx.Client, Receiver]]:
-    r = redis_or_skip(REDIS_URL)
+    r = require_redis(REDIS_URL)
     svc = Service(tmp_path_factory.mktemp("events"), tiny_model_dir)
     receiver = Receiver()
     client = httpx.Client(base_url=svc.base, timeout=10)

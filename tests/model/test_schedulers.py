@@ -4,7 +4,6 @@ DPM-Solver++, and the per-step checks (non-finite latent, cancel, callback)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +13,9 @@ from safetensors.torch import load_file
 from model.errors import Interrupted, InvalidInput, NumericalError
 from model.schedulers import IDDPM, SAMPLERS, make_sampler, randn
 from model.schedulers.iddpm import guided_output, space_timesteps
+from tests.conftest import REFERENCE_DIR as REFERENCE
 from tests.model import reference_tolerances
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 RUNS = {"cfgch3": 3, "cfgchNone": None}
 TRAJECTORY_RTOL = reference_tolerances.TRAJECTORY_RTOL  # recorded on another CPU: never bitwise here
 
@@ -27,18 +26,17 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def trace() -> dict[str, torch.Tensor]:
-    assert (REFERENCE / "sampler_A.safetensors").exists(), f"reference vectors missing at {REFERENCE}"
+def trace(reference_dir) -> dict[str, torch.Tensor]:  # reference_dir fails the run when the vectors are missing
     return load_file(REFERENCE / "sampler_A.safetensors")
 
 
 @pytest.fixture(scope="module")
-def trace_meta() -> dict:
+def trace_meta(reference_dir) -> dict:
     return json.loads((REFERENCE / "sampler_A.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def stdit_a():
+def stdit_a(reference_dir):
     """The tiny reference STDiT (cfg A) with its recorded weights."""
     from model.stdit import STDiT
 

@@ -20,11 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from service import heartbeats, jobstore
-from service.config import Settings
-from service.keys import create_key
-from service.main import create_app
-from service.schemas import (
+from service.api.app import create_app
+from service.jobs import heartbeats, jobstore
+from service.jobs.config import Settings
+from service.jobs.schemas import (
     ImageOutput,
     JobRecord,
     JobStatus,
@@ -38,8 +37,9 @@ from service.schemas import (
     content_url,
     utcnow,
 )
-from service.storage import LocalStorage, output_key
-from tests.support import free_port, moto_s3, redis_or_skip, stop_processes, wait_http
+from service.jobs.storage import LocalStorage, output_key
+from service.keys import create_key
+from tests.support import free_port, moto_s3, require_redis, stop_processes, wait_http
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 TENANT = "tenant-a"
@@ -59,7 +59,7 @@ def cleanup(r: Redis, prefix: str) -> None:
 
 @pytest.fixture
 def redis_conn() -> Redis:
-    return redis_or_skip(REDIS_URL)
+    return require_redis(REDIS_URL)
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue
 
-from service import idempotency, jobstore
-from service.config import Settings
-from service.main import create_app
+from service.api.app import create_app
+from service.jobs import idempotency, jobstore
+from service.jobs.config import Settings
 from tests.service.conftest import TENANT, bearer, key_for
 
 ERROR_FIELDS = {"type", "code", "message", "param"}

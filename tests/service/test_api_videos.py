@@ -6,7 +6,7 @@ import pytest
 from rq import Queue
 from rq.job import Job
 
-from service import jobstore
+from service.jobs import jobstore
 from tests.service.conftest import TENANT, queued_record
 
 BOUND_CASES = [
@@ -217,7 +217,7 @@ def test_cancel_running_job_flags_it_for_the_worker(client, redis_conn, settings
     response = client.post(f"/v1/videos/{job_id}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "canceling"
     assert client.post(f"/v1/videos/{job_id}/cancel").json()["status"] == "canceling"  # idempotent
-    from service.schemas import Stage
+    from service.jobs.schemas import Stage
 
     status = jobstore.update_progress(redis_conn, job_id, Stage.denoising, 2, 10, prefix=settings.key_prefix)
     assert status == "canceling"  # the worker's per-step poll sees it

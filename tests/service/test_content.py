@@ -8,9 +8,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service import jobstore
-from service.config import Settings
-from service.main import create_app
+from service.api.app import create_app
+from service.jobs import jobstore
+from service.jobs.config import Settings
 from tests.service.conftest import bearer, finish_like_worker
 
 VIDEO = bytes(range(256)) * 40  # 10240 bytes, content checkable by offset
@@ -99,14 +99,14 @@ def s3_settings(settings: Settings, s3_server: str) -> Settings:
 
 
 def test_s3_content_redirects_to_a_fresh_presigned_url(redis_conn, s3_settings, s3_server, tmp_path, api_key):
-    from service import storage as storage_mod
+    from service.jobs import storage as storage_mod
 
     store = storage_mod.make_storage(s3_settings)
     store.create_bucket()
     with TestClient(create_app(s3_settings), headers=bearer(api_key)) as client:
         job_id = submit(client)
         jobstore.mark_running(redis_conn, job_id, "w", prefix=s3_settings.key_prefix)
-        from service.schemas import Outputs, Timings, VideoOutput, content_url
+        from service.jobs.schemas import Outputs, Timings, VideoOutput, content_url
 
         key = storage_mod.output_key(job_id, "video.mp4")
         store.put_bytes(key, VIDEO, "video/mp4")

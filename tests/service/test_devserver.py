@@ -15,7 +15,7 @@ from redis import Redis
 from rq import Queue
 
 from service import devserver
-from service.config import Settings
+from service.jobs.config import Settings
 from tests.service.conftest import REPO_ROOT, bearer, bora_env
 from tests.support import free_port, wait_http
 

@@ -6,8 +6,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import heartbeats
-from service.schemas import WorkerState
+from service.jobs import heartbeats
+from service.jobs.schemas import WorkerState
 from tests.service.conftest import beat, finish_like_worker
 
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.idempotency import TTL_SECONDS, body_sha256, claim, release
+from service.jobs.idempotency import TTL_SECONDS, body_sha256, claim, release
 from tests.support import scratch_redis
 
 

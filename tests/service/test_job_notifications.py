@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue
 
-from service import jobstore, webhooks
-from service.config import Settings
-from service.logs import JsonFormatter
-from service.main import create_app
-from service.schemas import JobStatus, Stage
+from service.api.app import create_app
+from service.jobs import jobstore, webhooks
+from service.jobs.config import Settings
+from service.jobs.logs import JsonFormatter
+from service.jobs.schemas import JobStatus, Stage
 from tests.service.conftest import REDIS_URL, queued_record
 
 HOOK = {"url": "https://hooks.example.org/bora"}

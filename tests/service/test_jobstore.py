@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service import heartbeats, jobstore
-from service.errors import InvalidTransition, JobNotFound
-from service.schemas import (
+from service.jobs import heartbeats, jobstore
+from service.jobs.errors import InvalidTransition, JobNotFound
+from service.jobs.schemas import (
     JobStatus,
     JobWarning,
     Outputs,

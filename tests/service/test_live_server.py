@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from rq import Queue
 
-from service.schemas import WorkerState
+from service.jobs.schemas import WorkerState
 from tests.service.conftest import bearer, beat, finish_like_worker
 
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from service import jobstore
-from service.config import Settings
+from service.jobs import jobstore
+from service.jobs.config import Settings
 from tests.service.conftest import REDIS_URL, bearer, key_for
 
 SUBMISSIONS = 10_000

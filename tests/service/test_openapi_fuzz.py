@@ -16,9 +16,9 @@ from redis import Redis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from service.config import Settings
+from service.api.app import create_app
+from service.jobs.config import Settings
 from service.keys import create_key
-from service.main import create_app
 from tests.service.conftest import REDIS_URL, beat, cleanup
 
 PREFIX = "bora-fuzz-" + secrets.token_hex(4)

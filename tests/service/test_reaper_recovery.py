@@ -15,11 +15,11 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from service import jobstore, queueing, reaper, webhooks
-from service.errors import InvalidTransition, JobNotFound
-from service.logs import JsonFormatter
-from service.main import create_app
-from service.schemas import JobRecord, JobStatus, Webhook
+from service.api.app import create_app
+from service.jobs import jobstore, queueing, reaper, webhooks
+from service.jobs.errors import InvalidTransition, JobNotFound
+from service.jobs.logs import JsonFormatter
+from service.jobs.schemas import JobRecord, JobStatus, Webhook
 from tests.service.conftest import bearer, queued_record
 
 HOOK = Webhook(url="https://hooks.example.org/bora", events=["video.failed", "video.canceled"])

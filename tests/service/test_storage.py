@@ -8,9 +8,9 @@ import threading
 import httpx
 import pytest
 
-from service.config import Settings
-from service.errors import StorageError
-from service.storage import LocalStorage, S3Storage, Storage, make_storage, output_key
+from service.jobs.config import Settings
+from service.jobs.errors import StorageError
+from service.jobs.storage import LocalStorage, S3Storage, Storage, make_storage, output_key
 
 
 @pytest.fixture(params=["local", "s3"])

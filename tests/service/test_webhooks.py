@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rq import Queue
 
-from service import webhooks
-from service.webhooks import (
+from service.jobs import webhooks
+from service.jobs.webhooks import (
     BACKOFF_SECONDS,
     DestinationRejected,
     VerificationFailed,

@@ -12,8 +12,8 @@ from typing import Any
 
 from redis import Redis
 
-from service import jobstore
-from service.schemas import JobStatus
+from service.jobs import jobstore
+from service.jobs.schemas import JobStatus
 
 
 def _audit_lines(caplog, job_id: str) -> list[dict[str, Any]]:

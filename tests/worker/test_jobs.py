@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from service import heartbeats, jobstore
-from service.errors import StorageError
-from service.schemas import JobStatus, Stage
-from service.storage import LocalStorage
+from service.jobs import heartbeats, jobstore
+from service.jobs.errors import StorageError
+from service.jobs.schemas import JobStatus, Stage
+from service.jobs.storage import LocalStorage
 from worker import jobs, lifecycle
 from worker.lifecycle import Heartbeat
 from worker.video import SYNTHETIC_LABEL, probe_mp4, read_mp4

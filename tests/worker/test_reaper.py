@@ -7,8 +7,8 @@ import time
 
 from rq.registry import StartedJobRegistry
 
-from service import heartbeats, jobstore, reaper
-from service.schemas import (
+from service.jobs import heartbeats, jobstore, reaper
+from service.jobs.schemas import (
     JobStatus,
     Outputs,
     Timings,
@@ -17,7 +17,7 @@ from service.schemas import (
     WorkerState,
     content_url,
 )
-from service.storage import LocalStorage, output_key
+from service.jobs.storage import LocalStorage, output_key
 
 
 def _start_on(env, job_id: str, worker_id: str) -> None:

@@ -1,4 +1,4 @@
-"""`GET /v1/videos/{id}/events`: Server-Sent Events of a job's status and progress (service/events.py).
+"""`GET /v1/videos/{id}/events`: Server-Sent Events of a job's status and progress (service/api/events.py).
 
 The job is loaded through the same tenant check as every job route (404 for another tenant's job) before
 the stream opens; each event's `data` is the public job object, its `id` the job's `version`.
@@ -14,10 +14,11 @@ from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
-from service import events, jobstore
-from service.deps import RedisDep, SettingsDep, TenantDep
-from service.routes.responses import errors
-from service.routes.videos import JobId, load, present
+from service.api import events
+from service.api.deps import RedisDep, SettingsDep, TenantDep
+from service.api.routes.responses import errors
+from service.api.routes.videos import JobId, load, present
+from service.jobs import jobstore
 
 router = APIRouter(tags=["videos"])
 logger = logging.getLogger(__name__)

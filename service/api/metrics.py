@@ -18,7 +18,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import heartbeats, jobstore
+from service.jobs import heartbeats, jobstore
 
 log = logging.getLogger(__name__)
 

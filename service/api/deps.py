@@ -8,12 +8,12 @@ from fastapi import Depends, Request
 from redis import Redis
 from rq import Queue
 
-from service.admission import Admission
-from service.config import Settings
-from service.errors import Unauthorized
-from service.metrics import ApiMetrics
-from service.models import ModelSpec
-from service.storage import Storage
+from service.api.admission import Admission
+from service.api.errors import Unauthorized
+from service.api.metrics import ApiMetrics
+from service.jobs.config import Settings
+from service.jobs.models import ModelSpec
+from service.jobs.storage import Storage
 
 
 def get_settings(request: Request) -> Settings:
@@ -49,7 +49,7 @@ def get_admission(request: Request) -> Admission:
 
 
 def get_tenant(request: Request) -> str:
-    """The caller's tenant, set by `service.auth.AuthMiddleware` (`default` when auth is disabled)."""
+    """The caller's tenant, set by `service.api.auth.AuthMiddleware` (`default` when auth is disabled)."""
     tenant = getattr(request.state, "tenant", None)
     if tenant is None:  # a route outside the protected paths asked for a tenant: refuse rather than guess
         raise Unauthorized("this route needs an API key", code="missing_api_key")

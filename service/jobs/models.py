@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from service.errors import InvalidRequest
-from service.schemas import SAMPLERS, JobWarning, VideoCreate, VideoInput
+from service.jobs.errors import InvalidRequest
+from service.jobs.schemas import SAMPLERS, JobWarning, VideoCreate, VideoInput
 
 SIZE_MULTIPLE = 16  # VAE downsampling 8 × STDiT spatial patch 2
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service import webhooks
-from service.deps import RedisDep, SettingsDep, TenantDep
-from service.errors import NotFound
-from service.routes.responses import errors
-from service.routes.videos import JobId, load
-from service.schemas import WebhookAttempt, WebhookAttemptList, WebhookSecret
+from service.api.deps import RedisDep, SettingsDep, TenantDep
+from service.api.errors import NotFound
+from service.api.routes.responses import errors
+from service.api.routes.videos import JobId, load
+from service.jobs import webhooks
+from service.jobs.schemas import WebhookAttempt, WebhookAttemptList, WebhookSecret
 
 router = APIRouter(tags=["webhooks"])
 

@@ -23,8 +23,8 @@ import anyio.to_thread
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.config import Settings, is_loopback
-from service.errors import Unauthorized
+from service.api.errors import Unauthorized
+from service.jobs.config import Settings, is_loopback
 from service.keys import KeyStore
 
 DEFAULT_TENANT = "default"  # the one tenant when BORA_AUTH=disabled

@@ -6,7 +6,7 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.config import Settings
+from service.jobs.config import Settings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _FROM_SETTINGS = -1.0

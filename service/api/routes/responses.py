@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.schemas import ErrorBody
+from service.jobs.schemas import ErrorBody
 
 _DESCRIPTIONS = {
     400: "Malformed request.",

@@ -3,7 +3,7 @@ cancel requested; re-queued, failed or canceled after a worker was lost), with t
 lines (worker/lifecycle.py): job id, tenant, request id, prompt sha256 (never the prompt), params, outcome.
 
 The fields travel as `extra=` on logger `bora.audit`; the API process writes them as one JSON object per line
-(service/logs.py, set up when the app starts).
+(service/jobs/logs.py, set up when the app starts).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import hashlib
 import logging
 from typing import Any
 
-from service.schemas import JobRecord
+from service.jobs.schemas import JobRecord
 
 logger = logging.getLogger("bora.audit")
 # LogRecord attributes (name, args, module, ...) cannot be `extra` keys: such fields get a `_` suffix.

@@ -14,10 +14,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from service import idempotency, jobstore, queueing, webhooks
-from service.audit import audit
-from service.config import Settings
-from service.deps import (
+from service.api.deps import (
     AdmissionDep,
     MetricsDep,
     ModelSpecDep,
@@ -28,10 +25,14 @@ from service.deps import (
     StorageDep,
     TenantDep,
 )
-from service.errors import Conflict, InvalidRequest, JobNotFound, NotFound
-from service.models import normalize
-from service.routes.responses import errors
-from service.schemas import (
+from service.api.errors import Conflict, InvalidRequest, NotFound
+from service.api.routes.responses import errors
+from service.jobs import idempotency, jobstore, queueing, webhooks
+from service.jobs.audit import audit
+from service.jobs.config import Settings
+from service.jobs.errors import JobNotFound
+from service.jobs.models import normalize
+from service.jobs.schemas import (
     DEFAULT_WEBHOOK_EVENTS,
     JobList,
     JobRecord,

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     list_default_limit: int = Field(20, ge=1)
     list_max_limit: int = Field(100, ge=1)
 
-    # --- auth and admission control (service/auth.py, service/admission.py) ----------------------------
+    # --- auth and admission control (service/api/auth.py, service/api/admission.py) ----------------------------
     auth: Literal["required", "disabled"] = Field(
         "required", description="`disabled` serves every request as tenant `default`; loopback hosts only"
     )
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
     heartbeat_ttl_seconds: int = Field(30, ge=1)
-    # Worker loss (service/reaper.py): every worker and the API look for jobs of dead workers this often;
+    # Worker loss (service/jobs/reaper.py): every worker and the API look for jobs of dead workers this often;
     # a job is re-queued until it has run `reaper_max_attempts` times, then fails `worker_lost`.
     reaper_interval_seconds: float = Field(10.0, gt=0)
     reaper_max_attempts: int = Field(2, ge=1)
@@ -88,14 +88,14 @@ class Settings(BaseSettings):
     upload_attempts: int = Field(4, ge=1)
     upload_backoff_seconds: float = Field(0.5, ge=0)
 
-    # --- webhooks and live events (see service/webhooks.py, service/routes/events.py) -------------------
+    # --- webhooks and live events (see service/jobs/webhooks.py, service/api/routes/events.py) -------------------
     webhook_allowed_hosts: str = Field(
         "", description="Comma-separated hosts webhooks may go to (`*.example.org` = any subdomain); empty = off"
     )
     webhook_secret: SecretStr | None = Field(None, description="Master secret; each tenant's is derived from it")
     webhook_allow_http_loopback: bool = Field(False, description="Allow http:// to loopback hosts (tests only)")
     webhook_backoff_seconds: list[float] | None = Field(
-        None, description="Wait before attempt 2, 3, ... (JSON list); default service.webhooks.BACKOFF_SECONDS"
+        None, description="Wait before attempt 2, 3, ... (JSON list); default service.jobs.webhooks.BACKOFF_SECONDS"
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
     events_poll_interval_seconds: float = Field(0.5, gt=0)
@@ -125,8 +125,10 @@ class Settings(BaseSettings):
 
     @property
     def queue_name(self) -> str:
-        """The RQ queue of video jobs (named in one place, service.jobstore, with every other Redis key)."""
-        from service.jobstore import queue_name  # here: config is the bottom layer, importing none of ours
+        """The RQ queue of video jobs (named in one place, service.jobs.jobstore, with every other Redis key)."""
+        from service.jobs.jobstore import (
+            queue_name,  # here: config is the bottom layer, importing none of ours
+        )
 
         return queue_name(self.key_prefix)
 

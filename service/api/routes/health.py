@@ -10,10 +10,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from service import heartbeats
-from service.deps import MetricsDep, RedisDep, SettingsDep
-from service.routes.responses import errors
-from service.schemas import WorkerHeartbeat
+from service.api.deps import MetricsDep, RedisDep, SettingsDep
+from service.api.routes.responses import errors
+from service.jobs import heartbeats
+from service.jobs.schemas import WorkerHeartbeat
 
 router = APIRouter(tags=["health"])
 

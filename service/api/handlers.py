@@ -13,7 +13,7 @@ from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import (
+from service.api.errors import (
     ApiError,
     BadRequest,
     InternalError,
@@ -21,7 +21,9 @@ from service.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
+    from_domain,
 )
+from service.jobs.errors import JobsError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,11 @@ async def api_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status >= 500:
         log.warning("%s %s -> %s %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
     return error_response(exc)
+
+
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, JobsError)
+    return await api_error(request, from_domain(exc))
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -115,6 +122,7 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(JobsError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RedisConnectionError, redis_error)

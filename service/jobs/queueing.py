@@ -12,9 +12,9 @@ from redis import Redis
 from redis.client import Pipeline
 from rq import Queue
 
-from service import jobstore
-from service.config import Settings
-from service.schemas import JobPayload, JobRecord, utcnow
+from service.jobs import jobstore
+from service.jobs.config import Settings
+from service.jobs.schemas import JobPayload, JobRecord, utcnow
 
 WORKER_FUNCTION = "worker.jobs.run_video_job"  # by dotted path: the API never imports the worker (torch)
 RQ_RESULT_TTL_SECONDS = 3600  # the result lives in our job hash; RQ's copy is only for debugging

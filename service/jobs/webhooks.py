@@ -43,8 +43,8 @@ from urllib.parse import urlsplit
 import httpx
 from redis import Redis
 
-from service.config import Settings
-from service.schemas import WEBHOOK_EVENTS, JobRecord
+from service.jobs.config import Settings
+from service.jobs.schemas import WEBHOOK_EVENTS, JobRecord
 
 SECRET_PREFIX = "whsec_"
 EVENTS = WEBHOOK_EVENTS

@@ -1,9 +1,9 @@
 """The job contract shared by the API and the worker (torch-free): request, payload, state, public job object.
 
-Flow: a client POSTs a `VideoCreate`; the API checks it against the served model (service/models.py), fills
-every default into a `VideoInput`, stores a `JobRecord` (service/jobstore.py) and enqueues a `JobPayload`
+Flow: a client POSTs a `VideoCreate`; the API checks it against the served model (service/jobs/models.py), fills
+every default into a `VideoInput`, stores a `JobRecord` (service/jobs/jobstore.py) and enqueues a `JobPayload`
 dict on RQ. The worker re-validates the payload with `JobPayload.model_validate(...)`, and reports progress
-and results back only through service/jobstore.py. Clients read `VideoJob`.
+and results back only through service/jobs/jobstore.py. Clients read `VideoJob`.
 
 Redis keeps one hash field per top-level attribute of `JobRecord`; nested values are JSON (see jobstore).
 """
@@ -333,7 +333,7 @@ class WorkerState(StrEnum):
 
 
 class WorkerHeartbeat(BaseModel):
-    """`P:worker:{wid}` hash, refreshed by the worker every few seconds with a TTL (service/heartbeats.py)."""
+    """`P:worker:{wid}` hash, refreshed by the worker every few seconds with a TTL (service/jobs/heartbeats.py)."""
 
     worker_id: str
     state: WorkerState

@@ -1,4 +1,5 @@
-"""Errors the service raises on purpose; each knows its HTTP status and becomes JSON only at the edge.
+"""HTTP errors: each knows its status and becomes JSON at the edge. Domain errors (service/jobs/errors.py)
+are mapped to these by `from_domain`.
 
 Every 4xx/5xx the API answers has the body `{"error": {"type", "code", "message", "param"}}`.
 `type` is the family (`invalid_request_error`, `not_found_error`, ...), `code` the specific reason.
@@ -7,6 +8,8 @@ Every 4xx/5xx the API answers has the body `{"error": {"type", "code", "message"
 from __future__ import annotations
 
 from typing import Any
+
+from service.jobs import errors as domain
 
 
 class ApiError(Exception):
@@ -34,86 +37,68 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "code": self.code, "message": self.message, "param": self.param}}
 
-
 class InvalidRequest(ApiError):
     status = 422
     type = "invalid_request_error"
     code = "invalid_value"
-
 
 class BadRequest(ApiError):
     status = 400
     type = "invalid_request_error"
     code = "bad_request"
 
-
 class Unauthorized(ApiError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
-
 
 class NotFound(ApiError):
     status = 404
     type = "not_found_error"
     code = "not_found"
 
-
-class JobNotFound(NotFound):
-    code = "job_not_found"
-
-
 class MethodNotAllowed(ApiError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
-
 
 class Conflict(ApiError):
     status = 409
     type = "conflict_error"
     code = "conflict"
 
-
-class InvalidTransition(Conflict):
-    """A job cannot move from its current status to the one asked for (e.g. cancel a finished job)."""
-
-    code = "invalid_state"
-
-    def __init__(self, job_id: str, current: str, target: str, message: str | None = None) -> None:
-        super().__init__(message or f"job {job_id} is {current}; it cannot become {target}")
-        self.job_id = job_id
-        self.current = current
-        self.target = target
-
-
 class PayloadTooLarge(ApiError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
-
 
 class RateLimited(ApiError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limited"
 
-
 class InternalError(ApiError):
     status = 500
     type = "api_error"
     code = "internal_error"
-
 
 class ServiceUnavailable(ApiError):
     status = 503
     type = "unavailable_error"
     code = "unavailable"
 
+# Domain error class -> HTTP error class; the first match in this order wins (subclasses first).
+_FROM_DOMAIN: tuple[tuple[type[domain.JobsError], type[ApiError]], ...] = (
+    (domain.InvalidRequest, InvalidRequest),
+    (domain.NotFound, NotFound),
+    (domain.Conflict, Conflict),
+    (domain.StorageError, ServiceUnavailable),
+)
 
-class StorageError(ApiError):
-    """Object storage failed (unreachable, denied, missing bucket)."""
+def from_domain(exc: domain.JobsError) -> ApiError:
+    """The HTTP answer to a domain error: same code, message and param; the status its class implies."""
+    for domain_class, http_class in _FROM_DOMAIN:
+        if isinstance(exc, domain_class):
+            return http_class(exc.message, code=exc.code, param=exc.param)
+    return InternalError(exc.message, code=exc.code, param=exc.param)
 
-    status = 503
-    type = "unavailable_error"
-    code = "storage_unavailable"

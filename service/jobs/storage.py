@@ -15,10 +15,10 @@ from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from service.errors import StorageError
+from service.jobs.errors import StorageError
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from service.jobs.config import Settings
 
 
 def check_key(key: str) -> str:

@@ -2,9 +2,9 @@
 
 House rule 6 (one writer of job state) as it stands: every status transition goes through this module, one
 transaction each. Its callers are the API for create and cancel (a queued job must become `canceled` at once,
-not when a worker gets to it), the reapers (service/reaper.py) for the jobs of dead workers, and the worker's
+not when a worker gets to it), the reapers (service/jobs/reaper.py) for the jobs of dead workers, and the worker's
 lifecycle (worker/lifecycle.py) for everything else. A transition that puts a job on the RQ queue writes the
-RQ entry in the same MULTI/EXEC (`create(pipeline=...)`, `mark_requeued(enqueue=...)`; see service/queueing.py).
+RQ entry in the same MULTI/EXEC (`create(pipeline=...)`, `mark_requeued(enqueue=...)`; see service/jobs/queueing.py).
 
 Data model (P = settings.key_prefix):
   P:job:{id}            HASH, one field per top-level `JobRecord` attribute; nested values as JSON.
@@ -35,8 +35,8 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
-from service.errors import InvalidRequest, InvalidTransition, JobNotFound
-from service.schemas import (
+from service.jobs.errors import InvalidRequest, InvalidTransition, JobNotFound
+from service.jobs.schemas import (
     JobError,
     JobRecord,
     JobStatus,
@@ -520,7 +520,7 @@ def mark_requeued(
     """running -> queued (worker lost or shut down mid-job). `attempts` keeps counting, so the caller can give
     up after N with mark_failed(worker_lost). A `canceling` job is not re-queued (it should end `canceled`).
 
-    `enqueue(pipe, record)` queues the job's RQ entry on the same MULTI/EXEC (service/queueing.py): the job is
+    `enqueue(pipe, record)` queues the job's RQ entry on the same MULTI/EXEC (service/jobs/queueing.py): the job is
     queued in both places or in neither. The job hash is WATCHed meanwhile, so a concurrent change retries."""
     keys = Keys(prefix)
     key = keys.job(job_id)

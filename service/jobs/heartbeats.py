@@ -11,8 +11,8 @@ from typing import Any
 
 from redis import Redis
 
-from service.jobstore import Keys
-from service.schemas import WorkerHeartbeat, WorkerState, utcnow
+from service.jobs.jobstore import Keys
+from service.jobs.schemas import WorkerHeartbeat, WorkerState, utcnow
 
 READY_STATES = frozenset({WorkerState.ready, WorkerState.busy})
 

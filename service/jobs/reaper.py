@@ -6,7 +6,7 @@ started-job registry of our queue. An orphan that was being canceled ends `cance
 than `reaper_max_attempts` runs goes back to `queued` (and onto the queue, at the front, in the same
 transaction: `queueing.requeue`); any other fails `worker_lost`. Each transition is a guarded jobstore
 transition, so two reapers racing act on a job once. A job that ends here sends its webhook (`video.canceled`,
-`video.failed`) and, like every state change, writes an audit line (service/audit.py).
+`video.failed`) and, like every state change, writes an audit line (service/jobs/audit.py).
 `start()` runs `reap` every `reaper_interval_seconds` in a daemon thread (in each worker, and in the API so
 that jobs are recovered even when every worker is gone), without waiting for RQ's 10-minute maintenance pass.
 
@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from redis import Redis
 from rq.registry import StartedJobRegistry
 
-from service import jobstore, queueing, webhooks
-from service.audit import audit
-from service.config import Settings
-from service.errors import InvalidTransition, JobNotFound
-from service.schemas import JobStatus
-from service.storage import Storage
+from service.jobs import jobstore, queueing, webhooks
+from service.jobs.audit import audit
+from service.jobs.config import Settings
+from service.jobs.errors import InvalidTransition, JobNotFound
+from service.jobs.schemas import JobStatus
+from service.jobs.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Over any limit the submission is refused with 429 and `Retry-After` (`RateLimite
 stays bounded however clients behave. Reads (status, list, content, events) are not limited: they cost one
 Redis read, and polling clients should not be starved by their own submissions.
 
-- Rate: a token bucket per tenant (service/ratelimit.py), BORA_RATE_LIMIT_PER_SECOND / _BURST.
+- Rate: a token bucket per tenant (service/api/ratelimit.py), BORA_RATE_LIMIT_PER_SECOND / _BURST.
 - Per-tenant cap: queued jobs of the tenant, BORA_MAX_QUEUED_PER_TENANT. Counted exactly by one Lua script
   over `{P}:tenant:{t}:pending` (ZSET id -> reserved at): it drops finished and expired jobs, counts those
   still `queued` plus fresh reservations whose job is being written, and adds the new id only under the cap.
@@ -22,10 +22,10 @@ import time
 from redis import Redis
 from redis.exceptions import RedisError
 
-from service.config import Settings
-from service.errors import RateLimited
-from service.jobstore import Keys
-from service.ratelimit import RateLimiter
+from service.api.errors import RateLimited
+from service.api.ratelimit import RateLimiter
+from service.jobs.config import Settings
+from service.jobs.jobstore import Keys
 
 RESERVATION_GRACE_SECONDS = 30  # a reservation without a job hash after this long is a failed submission
 

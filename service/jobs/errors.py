@@ -1,0 +1,56 @@
+"""Errors of the job domain. They name what went wrong (`code`, `param`); they know nothing of HTTP.
+
+The API maps them to status codes at its edge (service/api/errors.py); the worker maps them to its own
+outcomes. One base class, small named subclasses.
+"""
+
+from __future__ import annotations
+
+
+class JobsError(Exception):
+    """Base class. `code` is the specific reason (also the API's `error.code`), `param` the field at fault."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(JobsError):
+    """A request the served model or the server's limits refuse."""
+
+    code = "invalid_value"
+
+
+class NotFound(JobsError):
+    code = "not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class Conflict(JobsError):
+    code = "conflict"
+
+
+class InvalidTransition(Conflict):
+    """A job cannot move from its current status to the one asked for (e.g. cancel a finished job)."""
+
+    code = "invalid_state"
+
+    def __init__(self, job_id: str, current: str, target: str, message: str | None = None) -> None:
+        super().__init__(message or f"job {job_id} is {current}; it cannot become {target}")
+        self.job_id = job_id
+        self.current = current
+        self.target = target
+
+
+class StorageError(JobsError):
+    """Object storage failed (unreachable, denied, missing bucket)."""
+
+    code = "storage_unavailable"
