@@ -26,6 +26,7 @@ Every function takes the Redis client first and the key prefix as the keyword `p
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -97,8 +98,11 @@ def queue_name(prefix: str) -> str:
     return f"{prefix}-videos"
 
 
+JOB_ID = re.compile(r"vid_[0-9a-f]{32}")
+
+
 def new_job_id() -> str:
-    """`vid_` + 32 hex characters; also the RQ job id."""
+    """`vid_` + 32 hex characters (JOB_ID); also the RQ job id."""
     return "vid_" + secrets.token_hex(16)
 
 

@@ -132,6 +132,21 @@ def test_get_unknown_and_odd_ids_are_404(client):
         assert method(path).status_code == 404
 
 
+def test_ids_naming_other_keys_of_a_job_are_404_on_every_route(client, redis_conn, settings):
+    """`vid_…:webhooks` is the key of a job's webhook attempts: it must read as "no such job", never reach
+    Redis as a key name (a WRONGTYPE 500 would tell other tenants that the job exists)."""
+    job_id = client.post("/v1/videos", json={"prompt": "a heart"}).json()["id"]
+    redis_conn.rpush(f"{settings.key_prefix}:job:{job_id}:webhooks", "{}")  # as after a delivery attempt
+    for suffix in [":webhooks", ":events", ":attempts", "%00", "X"]:
+        odd = job_id + suffix
+        for method, path in [("GET", f"/v1/videos/{odd}"), ("GET", f"/v1/videos/{odd}/content"),
+                             ("POST", f"/v1/videos/{odd}/cancel"), ("GET", f"/v1/videos/{odd}/events"),
+                             ("GET", f"/v1/videos/{odd}/webhook-attempts")]:
+            response = client.request(method, path)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"]["type"] == "not_found_error"
+
+
 def test_unknown_route_and_wrong_method_are_json(client):
     response = client.get("/v2/whatever")
     assert response.status_code == 404 and response.json()["error"]["code"] == "route_not_found"

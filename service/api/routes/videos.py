@@ -61,7 +61,6 @@ IdempotencyKey = Annotated[
     ),
 ]
 IDEMPOTENCY_GRACE_SECONDS = 30  # a claimed key whose job never appeared after this long is free again
-MAX_JOB_ID_CHARS = 128
 
 
 def present(record: JobRecord, settings: Settings) -> VideoJob:
@@ -98,8 +97,9 @@ def accept_webhook(hook: WebhookCreate, settings: Settings) -> Webhook:
 
 
 def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRecord:
-    """The caller's job, or 404 — also for another tenant's job, so ids leak nothing."""
-    record = jobstore.get(r, job_id, prefix=settings.key_prefix) if len(job_id) <= MAX_JOB_ID_CHARS else None
+    """The caller's job, or 404 — also for another tenant's job, so ids leak nothing. An id that isn't one of
+    ours never reaches Redis (`vid_…:webhooks` would otherwise name another key of the job)."""
+    record = jobstore.get(r, job_id, prefix=settings.key_prefix) if jobstore.JOB_ID.fullmatch(job_id) else None
     if record is None or record.tenant != tenant:
         raise JobNotFound(f"no job {job_id}", param="job_id")
     return record
