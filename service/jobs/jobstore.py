@@ -26,6 +26,7 @@ Every function takes the Redis client first and the key prefix as the keyword `p
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -290,6 +291,8 @@ def list_jobs(
         try:
             score_text, after_id = cursor.split("_", 1)
             max_score = float(score_text)
+            if not math.isfinite(max_score) or not JOB_ID.fullmatch(after_id):
+                raise ValueError(cursor)
         except ValueError:
             raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor", param="cursor") from None
     found: list[JobRecord] = []

@@ -189,8 +189,9 @@ def test_list_is_paged_newest_first(client):
     assert [j["id"] for j in client.get("/v1/videos").json()["data"]] == ids[::-1]
     assert client.get("/v1/videos", params={"limit": 0}).json()["error"]["param"] == "query.limit"
     assert client.get("/v1/videos", params={"limit": 101}).json()["error"]["param"] == "query.limit"
-    bad = client.get("/v1/videos", params={"cursor": "garbage"})
-    assert bad.status_code == 422 and bad.json()["error"]["param"] == "cursor"
+    for garbage in ["garbage", "nan_x", "inf_x", "-inf_x", "1e400_x", "1.5_vid_x", "1.5_../x", "NaN_" + "vid_" + "0" * 32]:
+        bad = client.get("/v1/videos", params={"cursor": garbage})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "cursor", (garbage, bad.text)
 
 
 def test_list_skips_expired_jobs(client, redis_conn, settings):
