@@ -1,4 +1,9 @@
-"""`/healthz` (process alive), `/readyz` (Redis reachable and a worker ready), `/metrics` (Prometheus)."""
+"""`/healthz` (process alive), `/readyz` (Redis reachable and a worker ready), `/metrics` (Prometheus).
+
+`/readyz` is open to anyone who can reach the port (load balancers, orchestrators), so it tells status and
+counts only: worker ids, hosts, pids, weights and the job each worker runs belong to operators (each worker's
+own `:9100/healthz`, the metrics), not to every tenant.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from redis.exceptions import RedisError
 from service.api.deps import MetricsDep, RedisDep, SettingsDep
 from service.api.routes.responses import errors
 from service.jobs import heartbeats
-from service.jobs.schemas import WorkerHeartbeat
+from service.jobs.schemas import WorkerHeartbeat, WorkerState
 
 router = APIRouter(tags=["health"])
 
@@ -26,7 +31,11 @@ class Readiness(BaseModel):
     status: str
     redis: str
     workers_ready: int
-    workers: list[WorkerHeartbeat]
+    workers_by_state: dict[WorkerState, int]
+
+
+def _by_state(workers: list[WorkerHeartbeat]) -> dict[str, int]:
+    return {state.value: sum(w.state == state for w in workers) for state in WorkerState}
 
 
 @router.get("/healthz", response_model=Health, summary="The API process is alive")
@@ -50,13 +59,13 @@ def readyz(settings: SettingsDep, r: RedisDep) -> Any:
         return _not_ready(f"redis unreachable: {type(exc).__name__}", redis="unreachable", workers=[])
     ready = [w for w in workers if w.state in heartbeats.READY_STATES]
     if not ready:
-        states = ", ".join(f"{w.worker_id}={w.state.value}" for w in workers) or "none alive"
+        states = ", ".join(f"{n} {state}" for state, n in _by_state(workers).items() if n) or "none alive"
         return _not_ready(
             f"no worker ready (workers: {states}); jobs are accepted and wait in the queue",
             redis="ok",
             workers=workers,
         )
-    return Readiness(status="ready", redis="ok", workers_ready=len(ready), workers=workers)
+    return Readiness(status="ready", redis="ok", workers_ready=len(ready), workers_by_state=_by_state(workers))
 
 
 def _not_ready(reason: str, *, redis: str, workers: list[WorkerHeartbeat]) -> JSONResponse:
@@ -65,7 +74,7 @@ def _not_ready(reason: str, *, redis: str, workers: list[WorkerHeartbeat]) -> JS
         "status": "not_ready",
         "redis": redis,
         "workers_ready": 0,
-        "workers": [w.model_dump(mode="json") for w in workers],
+        "workers_by_state": _by_state(workers),
     }
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
