@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from rq import Queue
 
 from service.api import auth, handlers
@@ -41,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop_reaper.set()
         redis.close()
 
-    app = FastAPI(title="Bora video API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with their assets served from the package, not a CDN: they work on an offline host
+    app = FastAPIOffline(title="Bora video API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.redis = redis
     app.state.queue = Queue(settings.queue_name, connection=redis, default_timeout=settings.job_timeout_seconds)
