@@ -13,7 +13,7 @@ from rq import Queue
 from service.api import auth, handlers
 from service.api.admission import Admission
 from service.api.metrics import ApiMetrics, MetricsMiddleware
-from service.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.api.middleware import RequestIdMiddleware, RequestLimitsMiddleware
 from service.api.routes import events, health, videos, webhooks
 from service.jobs import logs, reaper
 from service.jobs.config import Settings, get_settings
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     handlers.install(app)
     auth.document(app, settings)
     # Added last = outermost: metrics see every answer, including 413s from the body cap.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLimitsMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(auth.AuthMiddleware, settings=settings, keys=app.state.keys)  # 401 before the body is read
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

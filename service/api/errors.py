@@ -72,6 +72,30 @@ class PayloadTooLarge(ApiError):
     type = "invalid_request_error"
     code = "payload_too_large"
 
+class UnsupportedMediaType(ApiError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class UriTooLong(ApiError):
+    status = 414
+    type = "invalid_request_error"
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(ApiError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
+class RangeNotSatisfiable(ApiError):
+    status = 416
+    type = "invalid_request_error"
+    code = "range_not_satisfiable"
+
+
 class RateLimited(ApiError):
     status = 429
     type = "rate_limit_error"

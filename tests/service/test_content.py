@@ -54,8 +54,15 @@ def test_local_video_streams_with_range(client, redis_conn, settings):
     assert part.content == VIDEO[100:200]
     tail = client.get(f"/v1/videos/{job_id}/content", headers={"Range": "bytes=-16"})
     assert tail.status_code == 206 and tail.content == VIDEO[-16:]
-    bad = client.get(f"/v1/videos/{job_id}/content", headers={"Range": f"bytes={len(VIDEO) + 5}-"})
-    assert bad.status_code == 416
+    for past_the_end in [f"bytes={len(VIDEO) + 5}-", f"bytes={len(VIDEO)}-{len(VIDEO) + 9}", "bytes=-0"]:
+        bad = client.get(f"/v1/videos/{job_id}/content", headers={"Range": past_the_end})
+        assert bad.status_code == 416, past_the_end
+        assert bad.json()["error"]["code"] == "range_not_satisfiable"
+        assert bad.headers["content-range"] == f"bytes */{len(VIDEO)}"
+    # RFC 9110 §14.2: a Range the server can't parse is ignored, the whole file is the answer
+    for malformed in ["bytes=abc", "bytes=5-2", "items=0-1", "bytes=", "bytes=1-2-3", "0-10"]:
+        whole = client.get(f"/v1/videos/{job_id}/content", headers={"Range": malformed})
+        assert whole.status_code == 200 and whole.content == VIDEO, malformed
 
     head = client.head(f"/v1/videos/{job_id}/content")
     assert head.status_code == 200 and int(head.headers["content-length"]) == len(VIDEO)
@@ -65,6 +72,19 @@ def test_local_video_streams_with_range(client, redis_conn, settings):
     assert thumb.headers["content-type"] == "image/jpeg"
     wrong = client.get(f"/v1/videos/{job_id}/content", params={"variant": "gif"})
     assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "query.variant"
+
+
+def test_if_none_match_with_the_current_etag_is_304(client, redis_conn, settings):
+    job_id = submit(client)
+    finish_like_worker(redis_conn, settings, job_id, VIDEO, THUMB)
+    full = client.get(f"/v1/videos/{job_id}/content")
+    etag = full.headers["etag"]
+    assert etag == '"' + client.get(f"/v1/videos/{job_id}").json()["outputs"]["video"]["sha256"] + '"'
+    for matching in [etag, f'W/{etag}', f'"other", {etag}', "*"]:
+        cached = client.get(f"/v1/videos/{job_id}/content", headers={"If-None-Match": matching})
+        assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == etag, matching
+    fresh = client.get(f"/v1/videos/{job_id}/content", headers={"If-None-Match": '"stale"'})
+    assert fresh.status_code == 200 and fresh.content == VIDEO
 
 
 def test_missing_thumbnail_and_missing_file_are_404(client, redis_conn, settings):

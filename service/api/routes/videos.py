@@ -8,7 +8,7 @@ import secrets
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import RedirectResponse
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
@@ -26,6 +26,7 @@ from service.api.deps import (
     TenantDep,
 )
 from service.api.errors import Conflict, InvalidRequest, NotFound
+from service.api.files import StoredFileResponse
 from service.api.routes.responses import errors
 from service.jobs import idempotency, jobstore, queueing, webhooks
 from service.jobs.audit import audit
@@ -288,8 +289,9 @@ def cancel_video(
     responses={
         200: {"content": {"video/mp4": {}, "image/jpeg": {}, "application/json": {}}, "description": "The file."},
         206: {"description": "Partial content (Range)."},
+        304: {"description": "Not modified: `If-None-Match` named the current ETag."},
         307: {"description": "Redirect to a presigned object-storage URL."},
-        **errors(404, 409, 422, 503),
+        **errors(404, 409, 416, 422, 503),
     },
 )
 def get_video_content(
@@ -318,10 +320,9 @@ def get_video_content(
     path = storage.local_path(output.key)
     if path is None or not path.is_file():
         raise NotFound(f"the {variant} of job {job_id} is missing from storage", code="content_missing")
-    return FileResponse(
-        path,
-        media_type=output.content_type,
-        filename=filename,
-        content_disposition_type="inline",
-        headers={"Cache-Control": "private, max-age=3600"},
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if output.sha256:  # a strong validator: the content never changes under its key
+        headers["ETag"] = f'"{output.sha256}"'
+    return StoredFileResponse(
+        path, media_type=output.content_type, filename=filename, content_disposition_type="inline", headers=headers
     )
