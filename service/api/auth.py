@@ -120,7 +120,10 @@ def document(app: FastAPI, settings: Settings) -> None:
     build = app.openapi
     # ErrorBody is in every spec already (the routes declare it for their other errors).
     error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
-    unauthorized = {"401": {"description": "Missing, wrong or revoked API key.", "content": error_body}}
+    challenge = {"WWW-Authenticate": {"description": "`Bearer`: the scheme to authenticate with.",
+                                      "schema": {"type": "string"}}}
+    unauthorized = {"401": {"description": "Missing, wrong or revoked API key.", "content": error_body,
+                            "headers": challenge}}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:

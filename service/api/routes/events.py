@@ -36,7 +36,7 @@ RETRY_MS = 2000  # what a disconnected EventSource waits before reconnecting
         "closed after BORA_EVENTS_MAX_SECONDS; reconnecting resumes it."
     ),
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "The event stream."}, **errors(404, 503)},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "The event stream."}, **errors(404, 422, 503)},
 )
 def job_events(
     job_id: JobId,

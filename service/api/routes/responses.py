@@ -21,5 +21,14 @@ _DESCRIPTIONS = {
 }
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+_HEADERS = {429: _RETRY_AFTER, 503: _RETRY_AFTER}
+
+
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+    """Every declared error answers `ErrorBody`; routes with parameters declare 422 themselves, or FastAPI would
+    document its own `HTTPValidationError` shape, which this API never sends."""
+    return {
+        code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} | ({"headers": _HEADERS[code]} if code in _HEADERS else {})
+        for code in codes
+    }

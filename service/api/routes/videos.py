@@ -142,7 +142,7 @@ def claim_idempotency_key(
     status_code=202,
     response_model=VideoJob,
     summary="Submit a video job",
-    responses=errors(400, 409, 413, 422, 429, 503),
+    responses=errors(400, 409, 413, 415, 422, 429, 503),
     response_description="Accepted: the job object; `Location` points at it. Poll it until it is terminal.",
 )
 @router.post(
@@ -150,7 +150,7 @@ def claim_idempotency_key(
     status_code=202,
     response_model=VideoJob,
     summary="Submit a video job (alias of POST /v1/videos)",
-    responses=errors(400, 409, 413, 422, 429, 503),
+    responses=errors(400, 409, 413, 415, 422, 429, 503),
 )
 def create_video(
     body: VideoCreate,
@@ -241,7 +241,7 @@ def list_videos(
     )
 
 
-@router.get("/v1/videos/{job_id}", response_model=VideoJob, summary="Get a job", responses=errors(404, 503))
+@router.get("/v1/videos/{job_id}", response_model=VideoJob, summary="Get a job", responses=errors(404, 422, 503))
 def get_video(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantDep) -> VideoJob:
     return present(load(r, job_id, settings, tenant), settings)
 
@@ -254,7 +254,7 @@ def get_video(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantD
         "A queued job becomes `canceled` at once and never runs. A running job becomes `canceling`; the worker "
         "stops between denoising steps and marks it `canceled`. A finished job answers 409."
     ),
-    responses=errors(404, 409, 503),
+    responses=errors(404, 409, 422, 503),
 )
 def cancel_video(
     job_id: JobId,

@@ -20,7 +20,7 @@ router = APIRouter(tags=["webhooks"])
     summary="Webhook delivery attempts of a job",
     description="Every attempt to deliver this job's webhook events, oldest first, with the answer or error "
     "and when the next retry is due. Failed deliveries are retried with backoff for over 24 h.",
-    responses=errors(404, 503),
+    responses=errors(404, 422, 503),
 )
 def webhook_attempts(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantDep) -> WebhookAttemptList:
     load(r, job_id, settings, tenant)
