@@ -44,8 +44,9 @@ def test_kill_9_of_the_worker_restarts_it_and_the_api_stays_up(settings, api_key
         job = httpx.post(f"{base}/v1/videos", json=body, headers=bearer(api_key), timeout=10).json()
 
         def done() -> bool:
-            return httpx.get(f"{base}/v1/videos/{job['id']}", headers=bearer(api_key), timeout=5).json()[
-                "status"] == "succeeded"
+            response = httpx.get(f"{base}/v1/videos/{job['id']}", headers=bearer(api_key), timeout=5)
+            assert response.status_code in (200, 503), response.text  # 503: Redis slow on a loaded machine
+            return response.status_code == 200 and response.json()["status"] == "succeeded"
 
         wait_for(done, 120, "the job to succeed on the restarted worker", 0.25)
         assert process.poll() is None
