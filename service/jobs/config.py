@@ -6,6 +6,7 @@ Nothing else reads `os.environ`. `get_settings()` returns the process's cached i
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -90,7 +91,8 @@ class Settings(BaseSettings):
 
     # --- webhooks and live events (see service/jobs/webhooks.py, service/api/routes/events.py) -------------------
     webhook_allowed_hosts: str = Field(
-        "", description="Comma-separated hosts webhooks may go to (`*.example.org` = any subdomain); empty = off"
+        "", description="Comma-separated `host[:port]` webhooks may go to (`*.example.org` = any subdomain; no "
+        "port = 443 only); empty = off"
     )
     webhook_secret: SecretStr | None = Field(None, description="Master secret; each tenant's is derived from it")
     webhook_allow_http_loopback: bool = Field(False, description="Allow http:// to loopback hosts (tests only)")
@@ -119,6 +121,7 @@ class Settings(BaseSettings):
             raise ValueError("BORA_STORAGE=s3 needs BORA_S3_BUCKET")
         if self.webhook_allowed_hosts.strip() and self.webhook_secret is None:
             raise ValueError("BORA_WEBHOOK_ALLOWED_HOSTS needs BORA_WEBHOOK_SECRET (the signing master secret)")
+        _ = self.webhook_hosts  # a malformed entry fails the start-up, not a delivery
         if self.list_default_limit > self.list_max_limit:
             raise ValueError("BORA_LIST_DEFAULT_LIMIT must not exceed BORA_LIST_MAX_LIMIT")
         return self
@@ -133,8 +136,21 @@ class Settings(BaseSettings):
         return queue_name(self.key_prefix)
 
     @property
-    def webhook_hosts(self) -> list[str]:
-        return [host.strip() for host in self.webhook_allowed_hosts.split(",") if host.strip()]
+    def webhook_hosts(self) -> list[tuple[str, int]]:
+        """The allowlist as (host or `*.suffix`, port) pairs; an entry without a port allows 443 only."""
+        return [webhook_destination(entry) for entry in self.webhook_allowed_hosts.split(",") if entry.strip()]
+
+
+_WEBHOOK_ENTRY = re.compile(r"^(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])(?::(\d{1,5}))?$")
+
+
+def webhook_destination(entry: str) -> tuple[str, int]:
+    """`host[:port]` of BORA_WEBHOOK_ALLOWED_HOSTS as (host, port); ValueError names a bad entry."""
+    match = _WEBHOOK_ENTRY.match(entry.strip().lower().rstrip("."))
+    port = int(match.group(3) or 443) if match else 0
+    if match is None or not 1 <= port <= 65535:
+        raise ValueError(f"BORA_WEBHOOK_ALLOWED_HOSTS entry {entry.strip()!r} is not host[:port] (port 1-65535)")
+    return (match.group(1) or "") + match.group(2).strip("[]"), port
 
 
 def is_loopback(host: str) -> bool:

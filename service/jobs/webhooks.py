@@ -9,8 +9,9 @@ Webhooks library verifies our deliveries. Each tenant's secret is derived from o
 Why the allowlist: a webhook URL makes our worker send requests where the client says - to the metadata
 service, Redis, an intranet host. Only hosts an operator listed are reachable (empty list = webhooks off);
 https only; no credentials in the URL; redirects are never followed (a 3xx counts as a failed attempt), since
-a redirect would leave the allowlist. The allowlist names hosts, not addresses: an operator who lists a host
-vouches for what it resolves to. `trust_env=False` keeps proxy variables from rerouting deliveries.
+a redirect would leave the allowlist. The allowlist names hosts and ports (443 unless an entry says otherwise),
+not addresses: an operator who lists a host vouches for what it resolves to. A URL is parsed once, by the
+sender's own parser, and stored as it normalises it, so the check and the delivery see the same destination. `trust_env=False` keeps proxy variables from rerouting deliveries.
 
 Retries: `BACKOFF_SECONDS[n]` is the wait before attempt n+1, covering a bit over 27 h in total
 (BORA_WEBHOOK_BACKOFF_SECONDS replaces it, e.g. with seconds in tests).
@@ -35,10 +36,10 @@ import json
 import logging
 import secrets
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from redis import Redis
@@ -131,11 +132,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def host_allowed(host: str, allowed_hosts: Iterable[str]) -> bool:
-    """Exact host, or `*.suffix` for any subdomain of suffix (not the suffix itself)."""
+def host_allowed(host: str, port: int, allowed: Iterable[tuple[str, int]]) -> bool:
+    """Exact host, or `*.suffix` for any subdomain of suffix (not the suffix itself), on the entry's port."""
     host = host.lower().rstrip(".")
-    for pattern in allowed_hosts:
-        pattern = pattern.strip().lower().rstrip(".")
+    for pattern, allowed_port in allowed:
+        if port != allowed_port:
+            continue
         if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
             return True
         if pattern == host:
@@ -143,24 +145,31 @@ def host_allowed(host: str, allowed_hosts: Iterable[str]) -> bool:
     return False
 
 
-def check_destination(url: str, allowed_hosts: Iterable[str], allow_http_loopback: bool = False) -> None:
-    """Raise DestinationRejected unless `url` is https (or http to loopback, when explicitly allowed, for tests),
-    carries no credentials, and names an allowlisted host."""
+def check_destination(url: str, allowed: Iterable[tuple[str, int]], allow_http_loopback: bool = False) -> str:
+    """The URL as the sender will use it (parsed once, by httpx, the sender's own parser), or DestinationRejected
+    unless it is https (or http to loopback, when explicitly allowed, for tests), carries no credentials, and
+    names an allowlisted host:port (Settings.webhook_hosts; 443 unless the entry names a port).
+
+    Whitespace and control characters anywhere are refused: parsers disagree on them (WHATWG strips a tab or
+    newline inside a host, RFC 3986 forbids them), and the request must go where the check looked."""
+    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in url):
+        raise DestinationRejected("whitespace or control characters in the URL are not allowed")
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        _ = parts.port  # raises ValueError on a malformed port
-    except ValueError as error:
+        parsed = httpx.URL(url)
+        port = parsed.port or {"https": 443, "http": 80}.get(parsed.scheme, 0)
+    except (httpx.InvalidURL, ValueError) as error:
         raise DestinationRejected(f"invalid URL: {error}") from error
+    host = parsed.host
     if not host:
         raise DestinationRejected("the URL has no host")
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+    if parsed.userinfo:
         raise DestinationRejected("credentials in the URL are not allowed")
     insecure_ok = allow_http_loopback and _is_loopback(host)
-    if parts.scheme != "https" and not (parts.scheme == "http" and insecure_ok):
-        raise DestinationRejected(f"scheme {parts.scheme!r} is not allowed; use https")
-    if not host_allowed(host, allowed_hosts):
-        raise DestinationRejected(f"host {host!r} is not in the webhook allowlist")
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and insecure_ok):
+        raise DestinationRejected(f"scheme {parsed.scheme!r} is not allowed; use https")
+    if not host_allowed(host, port, allowed):
+        raise DestinationRejected(f"{host}:{port} is not in the webhook allowlist")
+    return str(parsed)
 
 
 # --- delivery ----------------------------------------------------------------------------------------------
@@ -218,7 +227,7 @@ def deliver(
             record["error"] = f"redirect ({resp.status_code}) not followed"
         else:
             record["error"] = f"HTTP {resp.status_code}"
-    except httpx.HTTPError as error:
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
         record["error"] = f"{type(error).__name__}: {error}"[:300]
     record["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return record
@@ -265,7 +274,7 @@ def deliver_attempt(
     secret: str,
     attempt: int,
     msg_id: str,
-    allowed_hosts: Iterable[str],
+    allowed_hosts: Iterable[tuple[str, int]],
     func: str,
     extra: Mapping[str, Any] | None = None,
     allow_http_loopback: bool = False,
@@ -279,7 +288,7 @@ def deliver_attempt(
     every attempt sends the same message under the same `msg_id`."""
     body = _body(event, payload)
     try:
-        check_destination(url, allowed_hosts, allow_http_loopback)
+        url = check_destination(url, allowed_hosts, allow_http_loopback)
     except DestinationRejected as error:
         record = {"attempt": attempt, "at": datetime.now(UTC).isoformat(), "event": event, "msg_id": msg_id,
                   "ok": False, "status_code": None, "error": str(error), "duration_ms": 0.0}

@@ -61,11 +61,22 @@ def test_webhooks_are_refused_while_the_allowlist_is_empty(plain_client):
     "https://partner.example/x",                 # *.suffix is subdomains only
     "http://127.0.0.1:9/x",                      # loopback http only when explicitly allowed
     "https://169.254.169.254/latest/meta-data",  # the metadata service
+    "https://hooks.example.org:6379/",           # an allowed host on another port (Redis here)
+    "https://hooks.exa\tmple.org/x",             # parsers disagree on whitespace: refused, never stored
+    "https://hooks.example.org/\nx",
+    " https://hooks.example.org/x",
 ])
 def test_destinations_outside_the_allowlist_are_422(hooks_client, url):
     response = hooks_client.post("/v1/videos", json={"prompt": "a heart", "webhook": {"url": url}})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "webhook_not_allowed"
+
+
+def test_the_url_is_stored_as_the_sender_parses_it(hooks_client):
+    body = {"prompt": "a heart", "webhook": {"url": "HTTPS://Hooks.Example.ORG:443/bora?x=1"}}
+    response = hooks_client.post("/v1/videos", json=body)
+    assert response.status_code == 202, response.text
+    assert response.json()["webhook"]["url"] == "https://hooks.example.org:443/bora?x=1"
 
 
 def test_bad_event_names_are_422(hooks_client):

@@ -87,14 +87,14 @@ def accept_webhook(hook: WebhookCreate, settings: Settings) -> Webhook:
             param=param,
         )
     try:
-        webhooks.check_destination(hook.url, settings.webhook_hosts, settings.webhook_allow_http_loopback)
+        url = webhooks.check_destination(hook.url, settings.webhook_hosts, settings.webhook_allow_http_loopback)
     except webhooks.DestinationRejected as exc:
         raise InvalidRequest(
             f"{exc}: webhooks go only to https URLs on hosts the operator allowlisted", code="webhook_not_allowed",
             param=param,
         ) from None
     events = list(dict.fromkeys(hook.events)) if hook.events else list(DEFAULT_WEBHOOK_EVENTS)
-    return Webhook(url=hook.url, events=events)  # type: ignore[arg-type]
+    return Webhook(url=url, events=events)  # type: ignore[arg-type]
 
 
 def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRecord:
