@@ -18,7 +18,7 @@ from service.keys import KeyStore
 from service.metrics import ApiMetrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.models import MODELS
-from service.routes import events, health, videos, webhooks
+from service.routes import events, health, playground, videos, webhooks
 from service.storage import make_storage
 
 DESCRIPTION = """Text-to-video for biomedical prompts. Submit a job (`POST /v1/videos`, answered 202 at once),
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
+    app.include_router(playground.router)
     handlers.install(app)
     auth.document(app, settings)
     # Added last = outermost: metrics see every answer, including 413s from the body cap.
