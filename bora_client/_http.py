@@ -16,10 +16,11 @@ from bora_client.models import Job
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 USER_AGENT = "bora-client/0.1"
-# 429 and 503 are the service saying "not now"; 502/504 come from a proxy in front of it. A 409 with this code
-# is a retry of ours racing our own first attempt (the same Idempotency-Key still being written).
+# 429 and 503 are the service saying "not now"; 502/504 come from a proxy in front of it. A 409 with one of
+# these codes is a "not yet" too: a retry racing our own first attempt (the same Idempotency-Key still being
+# written), or a DELETE of a running job that is still stopping.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-RETRY_CONFLICT_CODES = frozenset({"idempotency_key_in_use"})
+RETRY_CONFLICT_CODES = frozenset({"idempotency_key_in_use", "job_stopping"})
 
 
 def resolve_base_url(base_url: str | None) -> str:
