@@ -217,8 +217,10 @@ class AsyncClient:
                     return None
                 await asyncio.sleep(parser.retry_ms / 1000)
                 continue
-            if received == 0 and state.seen(await self.get(job_id)):
-                return state.job
+            if received == 0:  # the server's time limit, or the job is gone (the GET raises NotFoundError)
+                if state.seen(await self.get(job_id)):
+                    return state.job
+                await asyncio.sleep(parser.retry_ms / 1000)
 
     async def download(self, job: Job | str, path: str | os.PathLike[str], *, variant: str = "video") -> Path:
         """See `Client.download`."""

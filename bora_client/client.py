@@ -245,6 +245,7 @@ class Client:
                 # says which: it raises NotFoundError for a deleted job).
                 if state.seen(self.get(job_id)):
                     return state.job
+                time.sleep(parser.retry_ms / 1000)
 
     def _poll(self, job_id: str, state: _WaitState, deadline: float | None, interval: float) -> Job:
         while True:

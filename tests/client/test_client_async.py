@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bora_client import AsyncClient, AuthenticationError, ConflictError, NotFoundError
 from tests.client.stack import SHORT, Fault, FaultProxy, Stack
+
+
+def run(scenario: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run` on a thread of its own: the main thread may hold another loop (Playwright's sync API)."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, scenario).result()
 
 
 def test_async_client_every_method(stack: Stack, tmp_path: Path) -> None:
@@ -39,7 +48,7 @@ def test_async_client_every_method(stack: Stack, tmp_path: Path) -> None:
             with pytest.raises(AuthenticationError):
                 await bad.get(jobs[0])
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_async_retry_and_cut_stream(stack: Stack, proxy: FaultProxy) -> None:
@@ -54,6 +63,6 @@ def test_async_retry_and_cut_stream(stack: Stack, proxy: FaultProxy) -> None:
             assert done.status == "succeeded"
             assert [j.id async for j in client.list(limit=20) if j.input.prompt == text] == [job.id]
 
-    asyncio.run(scenario())
+    run(scenario())
     streams = [seen for seen in proxy.seen if seen.path.endswith("/events")]
     assert len(streams) >= 2 and "last-event-id" in streams[1].headers

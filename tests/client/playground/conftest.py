@@ -1,4 +1,4 @@
-"""The running service (tests/client/stack.py) and headless Debian chromium driven by Playwright.
+"""Headless Debian chromium driven by Playwright, against the running service of tests/client/conftest.py.
 
 Playwright talks to /usr/bin/chromium (apt `chromium`); it never downloads a browser. Every request the page
 makes goes through `Browser.route`: one to anything but this machine's loopback is aborted and recorded, and
@@ -10,13 +10,10 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-
-from tests.client.stack import Stack, run_stack
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags from docs/environment.md: no sandbox (root in CI), and none of chromium's own background traffic.
@@ -26,12 +23,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    yield from run_stack(tmp_path_factory.mktemp("playground-stack"), tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx
 
+from tests.client.playground.conftest import Page
 from tests.client.stack import Fault, FaultProxy, Stack
-from tests.playground.conftest import Page
 
-# A job long enough to be watched: 30 denoising steps, a few seconds on a loaded CPU.
-WATCHED = {"num_frames": "8", "height": "64", "width": "64", "num_inference_steps": "30", "sampler": "ddim"}
+# A job long enough to be watched: the tiny model's trained shape, 40 denoising steps (seconds on a CPU).
+WATCHED = {"num_frames": "16", "height": "64", "width": "64", "num_inference_steps": "40", "sampler": "ddim"}
 QUICK = {"num_frames": "8", "height": "32", "width": "48", "num_inference_steps": "2", "sampler": "ddim"}
 # Test-side recorder (not part of the page): every text the status fields show, in order.
 RECORD_STATUS = """
@@ -80,7 +80,7 @@ def test_generate_watch_play_download(stack: Stack, page: Page, tmp_path: Path) 
     wait_js(page, "document.getElementById('job-panel').dataset.status === 'succeeded'", 180)
     job_id = p.inner_text("#job-id")
     seen = p.evaluate("window.__seen")
-    steps = [s["step"] for s in seen if "/ 30" in s["step"]]
+    steps = [s["step"] for s in seen if "/ 40" in s["step"]]
     progress = [s["progress"] for s in seen]
     assert len(set(steps)) >= 2, seen  # live progress advanced step by step
     assert progress == sorted(progress) and progress[-1] == 100 and any(0 < v < 100 for v in progress)
@@ -189,3 +189,18 @@ def test_served_files_and_bounds(stack: Stack) -> None:
     for name in ("nope.js", "..%2Fmain.py", ".hidden.css", "index"):
         missing = httpx.get(f"{stack.base}/playground/{name}")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "route_not_found"
+
+
+def test_cancel_from_the_page(stack: Stack, page: Page) -> None:
+    p = page.page
+    open_playground(page, stack.open_base)
+    p.fill("#prompt", "Real-time MRI of the beating heart")
+    fill_params(page, {"num_frames": "16", "height": "128", "width": "128", "num_inference_steps": "100",
+                       "sampler": "ddim"})
+    p.click("#submit")
+    wait_js(page, "['queued', 'running'].includes(document.getElementById('job-panel').dataset.status)"
+                  " && !document.getElementById('cancel').disabled")
+    p.click("#cancel")
+    wait_js(page, "document.getElementById('job-panel').dataset.status === 'canceled'", 120)
+    assert p.inner_text("#status").startswith("canceled (canceled:")
+    assert p.is_hidden("#result") and page.outside == []
