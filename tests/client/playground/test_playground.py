@@ -76,6 +76,8 @@ def test_generate_watch_play_download(stack: Stack, page: Page, tmp_path: Path) 
     fill_params(page, {**WATCHED, "seed": "11"})
     p.evaluate(RECORD_STATUS)
     p.click("#submit")
+    wait_js(page, "document.getElementById('step').textContent.includes('/ 40')", 120)
+    screenshot(page, "playground-running.png", tmp_path)  # mid-denoising, if the CPU is not too fast
 
     wait_js(page, "document.getElementById('job-panel').dataset.status === 'succeeded'", 180)
     job_id = p.inner_text("#job-id")
