@@ -35,8 +35,8 @@ test-kernels: install
 	done
 
 lint: install
-	$(BIN)/ruff check model service worker tests bench
-	$(BIN)/mypy service worker
+	$(BIN)/ruff check model service worker bora_client tests bench
+	$(BIN)/mypy service worker bora_client
 
 bench: tiny
 	$(BIN)/python bench/stdit_speed.py

@@ -126,6 +126,14 @@ def assemble(
     typer.echo(f"wrote {out}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def submit(ctx: typer.Context) -> None:
+    """Submit a job to a running service: bora submit "prompt" --wait --out video.mp4 (see --help)."""
+    from bora_client.cli import submit_main
+
+    raise typer.Exit(submit_main(ctx.args))
+
+
 @app.command()
 def serve() -> None:
     """Run the API and one worker on embedded defaults (embedded Redis if none answers), until Ctrl-C."""

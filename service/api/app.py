@@ -14,7 +14,7 @@ from service.api import auth, handlers
 from service.api.admission import Admission
 from service.api.metrics import ApiMetrics, MetricsMiddleware
 from service.api.middleware import RequestIdMiddleware, RequestLimitsMiddleware
-from service.api.routes import events, health, videos, webhooks
+from service.api.routes import events, health, playground, videos, webhooks
 from service.jobs import logs, reaper
 from service.jobs.config import Settings, get_settings
 from service.jobs.connection import connect
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
+    app.include_router(playground.router)
     handlers.install(app)
     auth.document(app, settings)
     # Added last = outermost: metrics see every answer, including 413s from the body cap.

@@ -121,8 +121,9 @@ _FROM_DOMAIN: tuple[tuple[type[domain.JobsError], type[ApiError]], ...] = (
 
 def from_domain(exc: domain.JobsError) -> ApiError:
     """The HTTP answer to a domain error: same code, message and param; the status its class implies."""
+    headers = {"Retry-After": str(exc.retry_after_seconds)} if exc.retry_after_seconds is not None else None
     for domain_class, http_class in _FROM_DOMAIN:
         if isinstance(exc, domain_class):
-            return http_class(exc.message, code=exc.code, param=exc.param)
+            return http_class(exc.message, code=exc.code, param=exc.param, headers=headers)
     return InternalError(exc.message, code=exc.code, param=exc.param)
 

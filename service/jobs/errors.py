@@ -8,9 +8,11 @@ from __future__ import annotations
 
 
 class JobsError(Exception):
-    """Base class. `code` is the specific reason (also the API's `error.code`), `param` the field at fault."""
+    """Base class. `code` is the specific reason (also the API's `error.code`), `param` the field at fault,
+    `retry_after_seconds` when trying again later is the remedy."""
 
     code: str = "internal_error"
+    retry_after_seconds: int | None = None
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
@@ -48,6 +50,13 @@ class InvalidTransition(Conflict):
         self.job_id = job_id
         self.current = current
         self.target = target
+
+
+class JobStopping(Conflict):
+    """A running job was asked to stop and has not yet: the request that needs it stopped can be repeated."""
+
+    code = "job_stopping"
+    retry_after_seconds = 2
 
 
 class StorageError(JobsError):

@@ -268,6 +268,7 @@ class JobRecord(VideoJob):
     worker_id: str | None = None
     attempts: int = 0
     retention_s: int = 604800
+    idempotency_key: str | None = Field(None, description="The submission's key, so deleting the job drops it.")
 
     def public(self) -> VideoJob:
         return VideoJob.model_validate(self.model_dump(include=set(VideoJob.model_fields)))

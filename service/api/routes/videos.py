@@ -1,4 +1,4 @@
-"""`/v1/videos`: submit, read, list, cancel, and download a job's video or thumbnail."""
+"""`/v1/videos`: submit, read, list, cancel, delete, and download a job's video or thumbnail."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from service.api.deps import (
 from service.api.errors import Conflict, InvalidRequest, NotFound
 from service.api.files import StoredFileResponse
 from service.api.routes.responses import errors
-from service.jobs import idempotency, jobstore, queueing, webhooks
+from service.jobs import deletion, idempotency, jobstore, queueing, webhooks
 from service.jobs.audit import audit
 from service.jobs.config import Settings
 from service.jobs.errors import JobNotFound
@@ -190,6 +190,7 @@ def create_video(
         tenant=tenant,
         request_id=request_id,
         retention_s=settings.job_retention_seconds,
+        idempotency_key=idempotency_key,
     )
     base_url = (settings.public_base_url or "").rstrip("/")
     if idempotency_key is not None:
@@ -275,6 +276,30 @@ def cancel_video(
     event = "job.canceled" if record.status == JobStatus.canceled else "job.cancel_requested"
     audit(event, record, outcome=record.status.value, request_id=request_id)
     return present(record, settings)
+
+
+@router.delete(
+    "/v1/videos/{job_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a job and everything stored for it",
+    description=(
+        "Removes the job record, its video, thumbnail and metadata from storage, and its Idempotency-Key entry; "
+        "writes an audit line. A queued or running job is canceled first; a running job that has not stopped "
+        "within a few seconds answers 409 `job_stopping` with `Retry-After` (repeat the DELETE). Afterwards "
+        "every route answers 404 for the id."
+    ),
+    responses={204: {"description": "Deleted."}, **errors(404, 409, 422, 503)},
+)
+def delete_video(
+    job_id: JobId, settings: SettingsDep, r: RedisDep, storage: StorageDep, tenant: TenantDep,
+    request_id: RequestIdDep,
+) -> Response:
+    record = load(r, job_id, settings, tenant)
+    status = record.status.value
+    record = deletion.delete_job(r, storage, record, prefix=settings.key_prefix)
+    audit("job.deleted", record, outcome="deleted", request_id=request_id, previous_status=status)
+    return Response(status_code=204)
 
 
 @router.head("/v1/videos/{job_id}/content", include_in_schema=False)
