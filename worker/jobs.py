@@ -11,6 +11,7 @@ record in Redis is the truth.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -18,6 +19,7 @@ import logging
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,9 @@ class Runtime:
     # Jobs abandoned because Redis went away mid-job; worker/main.py re-queues them once it is back.
     lost: list[str] = field(default_factory=list)
     current_job: str | None = None
+    # Out-of-memory failures in a row; at settings.max_consecutive_ooms the worker exits non-zero (its device
+    # is in a state a restart clears: fragmentation, a leak) - worker/main.py's BoraWorker checks it.
+    consecutive_ooms: int = 0
 
 
 _runtime: Runtime | None = None
@@ -210,6 +215,7 @@ class VideoJobRun:
                 total = time.perf_counter() - started
                 self.life.succeed(outputs, self.timings(total))
                 self._observe(total)
+                rt.consecutive_ooms = 0
                 status = JobStatus.succeeded.value
         except RunSuperseded as exc:
             status, code = self._stop_superseded(exc)
@@ -264,7 +270,10 @@ class VideoJobRun:
         else:
             self.life.audit("job.error", logging.WARNING, code=err.code, error=str(exc))
         if isinstance(err, errors.OutOfMemory):
-            self._free_accelerator_memory()
+            self._free_accelerator_memory(exc)
+            self.rt.consecutive_ooms += 1
+        else:
+            self.rt.consecutive_ooms = 0
         self.life.fail(err, self.timings(total))
         return JobStatus.failed.value, err.code
 
@@ -523,7 +532,16 @@ class VideoJobRun:
         if denoise:
             m.steps_per_second.set(self.job.input.num_inference_steps / denoise)
 
-    def _free_accelerator_memory(self) -> None:
+    def _free_accelerator_memory(self, exc: BaseException) -> None:
+        """After an OOM: drop what pins the failed step's tensors (the frames of the exception's traceback
+        and of the exceptions chained to it hold the forward's activations), collect, then hand the cached
+        blocks back to the device. `empty_cache()` alone frees nothing while those references live."""
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)  # frames still executing (ours) are left as they are
+            exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        gc.collect()
         if self.rt.device.startswith("cuda"):
             import torch
 

@@ -802,6 +802,16 @@ def finished_counts(r: Redis, *, prefix: str) -> dict[tuple[str, str], int]:
     return counts
 
 
+def active_counts(r: Redis, *, prefix: str) -> tuple[int, int]:
+    """(jobs not terminal yet, those of them past their deadline) from the active set."""
+    keys = Keys(prefix)
+    pipe = r.pipeline(transaction=False)
+    pipe.zcard(keys.active)
+    pipe.zcount(keys.active, "-inf", time.time())
+    active, overdue = pipe.execute()
+    return int(active), int(overdue)
+
+
 def _must_get(r: Redis, job_id: str, *, prefix: str) -> JobRecord:
     record = get(r, job_id, prefix=prefix)
     if record is None:

@@ -209,8 +209,8 @@ def test_storage_fails_after_first_object_removes_it(env, make_runtime, tiny_pip
     storage = SidecarFails(env.settings.storage_dir)
     payload, record = env.run_one(make_runtime(tiny_pipeline, storage))
     assert record.error.code == "storage_error"
-    assert not storage.exists(f"videos/{payload.job_id}/video.mp4")
-    assert not storage.exists(f"videos/{payload.job_id}/thumbnail.jpg")
+    assert not storage.exists(f"videos/{payload.job_id}/1/video.mp4")
+    assert not storage.exists(f"videos/{payload.job_id}/1/thumbnail.jpg")
 
 
 @pytest.mark.parametrize(
