@@ -68,6 +68,7 @@ class RedisCollector(Collector):
                 heartbeats.ready_workers(self.redis, prefix=self.prefix, max_age_seconds=self.heartbeat_ttl_seconds)
             )
             finished = jobstore.finished_counts(self.redis, prefix=self.prefix)
+            active, overdue = jobstore.active_counts(self.redis, prefix=self.prefix)
         except RedisError as exc:
             log.warning("metrics: redis unreachable at scrape: %s", exc)
             up.add_metric([], 0)
@@ -78,6 +79,14 @@ class RedisCollector(Collector):
         yield GaugeMetricFamily("bora_queue_depth", "Video jobs waiting in the queue.", value=depth)
         yield GaugeMetricFamily(
             "bora_workers_ready", "Workers with a fresh heartbeat and their model loaded.", value=ready
+        )
+        yield GaugeMetricFamily("bora_jobs_active", "Video jobs not terminal yet (queued, running, canceling).",
+                                value=active)
+        yield GaugeMetricFamily(
+            "bora_jobs_overdue",
+            "Video jobs still not terminal past their deadline (queue expiry + run limit + margins): the reaper "
+            "should have ended them.",
+            value=overdue,
         )
         family = CounterMetricFamily(
             "bora_jobs_finished", "Video jobs that reached a terminal status, by status and error code.",

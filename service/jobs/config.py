@@ -47,7 +47,13 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(1.5, gt=0)
     key_prefix: str = Field("bora", pattern=r"^[A-Za-z0-9_.-]+$")
     job_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
-    job_timeout_seconds: int = Field(1800, ge=1)
+    job_timeout_seconds: int = Field(1800, ge=1, description="Run-time limit of a job; also the most a request may ask")
+    rq_timeout_margin_seconds: int = Field(
+        60, ge=1, description="RQ's hard kill comes this long after a job's own limit, so the clean timeout wins"
+    )
+    queued_expiry_seconds: int = Field(
+        24 * 3600, ge=1, description="A job still queued after this long fails `expired` instead of running late"
+    )
     rq_failure_ttl_seconds: int = Field(24 * 3600, ge=60)
 
     # --- storage -------------------------------------------------------------------------------------
@@ -84,6 +90,13 @@ class Settings(BaseSettings):
     # a job is re-queued until it has run `reaper_max_attempts` times, then fails `worker_lost`.
     reaper_interval_seconds: float = Field(10.0, gt=0)
     reaper_max_attempts: int = Field(2, ge=1)
+    reaper_queued_grace_seconds: float = Field(
+        60.0, gt=0, description="A queued job missing from RQ's queue this long is put back on it"
+    )
+    cancel_grace_seconds: float = Field(
+        120.0, gt=0, description="A cancel the running worker has not finished after this long ends `canceled`"
+    )
+    max_consecutive_ooms: int = Field(3, ge=1, description="The worker exits (non-zero) after this many OOMs in a row")
     reaper_in_api: bool = Field(True, description="The API runs the reaper too (recovery with no worker up)")
     # Storage faults: an upload is tried this often, backing off from `upload_backoff_seconds` (doubling).
     upload_attempts: int = Field(4, ge=1)

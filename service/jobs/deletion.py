@@ -1,7 +1,8 @@
 """`DELETE /v1/videos/{id}`: forget a job completely, since its prompt may be patient data.
 
 `delete_job` removes, in this order: every stored object of the job (local or S3: the outputs the record
-names and the three fixed output keys, in case a failed job left some), then in one MULTI/EXEC the job hash,
+names and every attempt's output keys, in case a failed or superseded run left some), then in one MULTI/EXEC
+the job hash,
 its places in the listings and the admission set, its webhook attempt log, the RQ queue entry, and finally
 RQ's copy of the payload and the job's Idempotency-Key entry. Objects go first so that a storage outage
 (StorageError, 503) leaves the record in place and the client can retry; every step is safe to repeat.
@@ -35,7 +36,8 @@ def delete_job(
     """Delete `record`'s job everywhere and return its last state. Raises JobStopping when a running job did
     not stop within `stop_wait_seconds`, StorageError when an object could not be removed."""
     record = _stop(r, record, prefix=prefix, wait_seconds=stop_wait_seconds)
-    keys = {output_key(record.id, name) for name in OUTPUT_NAMES}
+    runs = range(1, max(record.attempts, 1) + 1)
+    keys = {output_key(record.id, name, attempt) for name in OUTPUT_NAMES for attempt in runs}
     if record.outputs is not None:
         keys |= {o.key for o in (record.outputs.video, record.outputs.thumbnail, record.outputs.sidecar) if o}
     for key in sorted(keys):
@@ -52,7 +54,9 @@ def delete_job(
     with contextlib.suppress(NoSuchJobError):
         Job.fetch(record.id, connection=r).delete(remove_from_queue=True)
     if record.idempotency_key and record.tenant:
-        idempotency.release(r, prefix, record.tenant, record.idempotency_key, record.id)
+        held = idempotency.lookup(r, prefix, record.tenant, record.idempotency_key)
+        if held is not None and held[0] == record.id:  # the key may name a newer job by now
+            r.delete(idempotency.redis_key(prefix, record.tenant, record.idempotency_key))
     return record
 
 
@@ -61,7 +65,7 @@ def _stop(r: Redis, record: JobRecord, *, prefix: str, wait_seconds: float) -> J
     if record.status.terminal:
         return record
     with contextlib.suppress(Conflict):  # it ended meanwhile
-        record = jobstore.request_cancel(r, record.id, prefix=prefix)
+        record, _ = jobstore.request_cancel(r, record.id, prefix=prefix, actor="api-delete")
     deadline = time.monotonic() + wait_seconds
     while not record.status.terminal:
         if time.monotonic() >= deadline:

@@ -59,6 +59,18 @@ class JobStopping(Conflict):
     retry_after_seconds = 2
 
 
+class RunSuperseded(InvalidTransition):
+    """A run's write was refused because another run (or the reaper) owns the job now: the run must stop."""
+
+    code = "run_superseded"
+
+
+class JobExpired(InvalidTransition):
+    """The job waited in the queue past its expiry: it must not start (it fails `expired`)."""
+
+    code = "job_expired"
+
+
 class StorageError(JobsError):
     """Object storage failed (unreachable, denied, missing bucket)."""
 

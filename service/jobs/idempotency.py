@@ -1,34 +1,23 @@
 """`Idempotency-Key` on job creation: a retried POST returns the job the first one created.
 
-Key `{prefix}:idem:{tenant}:{key}` -> JSON {body_sha256, job_id}, set with NX and a 24 h TTL, per tenant so
-two tenants may use the same key. The route claims the key *before* creating the job, with the id it is about
-to use; whoever wins the SET NX creates the job, everyone else gets that job's id back (or a conflict if
-their body differs). If creating the job then fails, the route calls `release` so a retry can succeed.
-
-A second request can arrive after the claim but before the job exists; `jobstore.get` then returns None and
-the route should answer 409 (`idempotency_key_in_use`, retry shortly) rather than 404. A claim whose job never
-appeared (its request died with Redis, say, before it could `release`) is `abandoned` after a grace period, and
-the route may then release it and claim the key afresh.
+Key `{prefix}:idem:{tenant}:{key}` -> JSON {body_sha256, job_id, claimed_at}, kept 24 h (never longer than the
+job it names), per tenant so two tenants may use the same key. The claim is written in the same transaction
+as the job and its queue entry (`jobstore.create(claim=...)`), so a key names a job that exists or none at
+all, whatever fails in between: there is nothing to release and no claim without a job. `lookup` lets the
+API answer a replay before spending a rate-limit token; `create` settles races between concurrent requests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Any
 
 from redis import Redis
 
-TTL_SECONDS = 24 * 3600
+from service.jobs.jobstore import Claim
 
-_RELEASE = """
-local value = redis.call('GET', KEYS[1])
-if value and cjson.decode(value)['job_id'] == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+TTL_SECONDS = 24 * 3600
 
 
 def body_sha256(body: Any) -> str:
@@ -37,37 +26,19 @@ def body_sha256(body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _key(prefix: str, tenant: str, key: str) -> str:
+def redis_key(prefix: str, tenant: str, key: str) -> str:
     return f"{prefix}:idem:{tenant}:{key}"
 
 
-def claim(
-    r: Redis, prefix: str, tenant: str, key: str, body_sha256: str, job_id: str, ttl: int = TTL_SECONDS
-) -> tuple[str | None, bool]:
-    """(None, False): claimed, go create `job_id`. (existing_id, False): replay, return that job.
-    (existing_id, True): the key was used with another body -> 409."""
-    rkey = _key(prefix, tenant, key)
-    value = json.dumps({"body_sha256": body_sha256, "job_id": job_id, "claimed_at": time.time()})
-    for _ in range(3):  # the holder may expire or be released between SET NX and GET
-        if r.set(rkey, value, nx=True, ex=ttl):
-            return None, False
-        existing = r.get(rkey)
-        if existing is not None:
-            held = json.loads(existing)
-            return held["job_id"], held["body_sha256"] != body_sha256
-    raise RuntimeError(f"idempotency key {key!r} kept changing under us")
+def claim(prefix: str, tenant: str, key: str, body_fingerprint: str, ttl: int = TTL_SECONDS) -> Claim:
+    """The claim `jobstore.create` writes with the job."""
+    return Claim(redis_key(prefix, tenant, key), body_fingerprint, ttl)
 
 
-def release(r: Redis, prefix: str, tenant: str, key: str, job_id: str) -> bool:
-    """Drop the claim if it still names `job_id` (job creation failed); never drops someone else's claim."""
-    return bool(r.eval(_RELEASE, 1, _key(prefix, tenant, key), job_id))
-
-
-def abandoned(r: Redis, prefix: str, tenant: str, key: str, job_id: str, grace_seconds: float) -> bool:
-    """True when the claim still names `job_id` and is older than `grace_seconds`: call it only once you know
-    `job_id` does not exist, i.e. the request that claimed the key died before creating its job."""
-    value = r.get(_key(prefix, tenant, key))
-    if value is None:
-        return False
-    held = json.loads(value)
-    return bool(held["job_id"] == job_id and time.time() - float(held.get("claimed_at", 0)) > grace_seconds)
+def lookup(r: Redis, prefix: str, tenant: str, key: str) -> tuple[str, str] | None:
+    """(job_id, body_sha256) of the job this key names, or None."""
+    raw = r.get(redis_key(prefix, tenant, key))
+    if raw is None:
+        return None
+    held = json.loads(raw)  # type: ignore[arg-type]
+    return held["job_id"], held["body_sha256"]

@@ -36,8 +36,18 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import WatchError
 
-from service.jobs.errors import InvalidRequest, InvalidTransition, JobNotFound
+from service.jobs import webhooks
+from service.jobs.errors import (
+    Conflict,
+    InvalidRequest,
+    InvalidTransition,
+    JobExpired,
+    JobNotFound,
+    RunSuperseded,
+)
 from service.jobs.schemas import (
     JobError,
     JobRecord,
@@ -76,6 +86,14 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:active"
+
+    @property
+    def orphans(self) -> str:
+        return f"{self.prefix}:storage:orphans"
 
     @property
     def stats_finished(self) -> str:
@@ -132,19 +150,30 @@ def decode(fields: dict[str, str]) -> JobRecord:
 
 # --- transitions --------------------------------------------------------------------------------------
 
-# ARGV[1] is a JSON spec: {allowed: [status...], status: new|"", set: {field: str}, del: [field...],
-# incr: {field: n}, stat: "status:code"|"", ttl: bool, push: "value"|""}. KEYS: job, stats, durations.
-# Every applied transition bumps the hash's `version` (the job's change counter: live event ids).
-# Returns {1, previous_status} when applied, {0, current_status} when not allowed, {-1, ""} when missing.
+# Outcomes of a transition.
+APPLIED, ALREADY, REFUSED, FENCED, MISSING = 1, 2, 0, -2, -1
+
+# ARGV[1] is a JSON spec: {allowed: [status...], status: new|"", token: run token the job must hold|"",
+# actor: who writes, set: {field: str}, del: [field...], incr: {field: n}, stat: "status:code"|"", ttl: bool,
+# push: "value"|"", active: "remove"|"keep"|<deadline unix s>, adopt: [storage key...]}; ARGV[2] the job id.
+# KEYS: job, stats, durations, active, orphans. A status change records its `actor` in the hash field
+# `writer`, so the same actor repeating it (its reply was lost) gets ALREADY instead of a refusal.
+# Returns {code, status before}; see the outcome constants above.
 _TRANSITION_LUA = """
 local spec = cjson.decode(ARGV[1])
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, ''} end
+if spec['token'] ~= '' and (redis.call('HGET', KEYS[1], 'run_token') or '') ~= spec['token'] then
+  return {-2, cur}
+end
+if spec['status'] ~= '' and cur == spec['status'] and (redis.call('HGET', KEYS[1], 'writer') or '') == spec['actor'] then
+  return {2, cur}
+end
 local allowed = false
 for _, s in ipairs(spec['allowed']) do if s == cur then allowed = true end end
 if not allowed then return {0, cur} end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
-if spec['status'] ~= '' then redis.call('HSET', KEYS[1], 'status', spec['status']) end
+if spec['status'] ~= '' then redis.call('HSET', KEYS[1], 'status', spec['status'], 'writer', spec['actor']) end
 for k, v in pairs(spec['set']) do redis.call('HSET', KEYS[1], k, v) end
 for _, k in ipairs(spec['del']) do redis.call('HDEL', KEYS[1], k) end
 for k, n in pairs(spec['incr']) do redis.call('HINCRBY', KEYS[1], k, n) end
@@ -153,6 +182,12 @@ if spec['push'] ~= '' then
   redis.call('LPUSH', KEYS[3], spec['push'])
   redis.call('LTRIM', KEYS[3], 0, tonumber(spec['keep']) - 1)
 end
+if spec['active'] == 'remove' then
+  redis.call('ZREM', KEYS[4], ARGV[2])
+elseif spec['active'] ~= 'keep' then
+  redis.call('ZADD', KEYS[4], tonumber(spec['active']), ARGV[2])
+end
+for _, k in ipairs(spec['adopt']) do redis.call('HDEL', KEYS[5], k) end
 if spec['ttl'] then
   local ttl = tonumber(redis.call('HGET', KEYS[1], 'retention_s') or '604800')
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -160,22 +195,58 @@ end
 return {1, cur}
 """
 
+# queued -> running. ARGV: worker id, now (ISO), now (unix s), run deadline (unix s), weights sha256|"", stage,
+# job id. The run token is `{worker id}:{attempt}`, attempt counted here. The same worker asking again (its
+# reply was lost) gets ALREADY with its token: a worker process runs one job at a time, so a job running
+# under its id is this very run. Returns {code, status before, token}; code -3: the job expired while queued.
+_START_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {-1, '', ''} end
+local token = redis.call('HGET', KEYS[1], 'run_token') or ''
+if cur ~= 'queued' then
+  local mine = ARGV[1] .. ':'
+  if (cur == 'running' or cur == 'canceling') and string.sub(token, 1, #mine) == mine then return {2, cur, token} end
+  return {0, cur, token}
+end
+local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_unix') or '0')
+if expires > 0 and tonumber(ARGV[3]) > expires then return {-3, cur, ''} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+token = ARGV[1] .. ':' .. attempt
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'writer', token, 'run_token', token, 'worker_id', ARGV[1],
+  'started_at', ARGV[2], 'updated_at', ARGV[2], 'stage', ARGV[6])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'weights_sha256', ARGV[5]) end
+redis.call('HDEL', KEYS[1], 'eta_seconds')
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), ARGV[7]) end
+return {1, cur, token}
+"""
+EXPIRED = -3
+WATCH_ATTEMPTS = 5
+
 
 def _spec(
     *,
     allowed: Iterable[JobStatus],
     status: JobStatus | None = None,
+    token: str | None = None,
+    actor: str = "",
     set_fields: dict[str, Any] | None = None,
     del_fields: Sequence[str] = (),
     incr: dict[str, int] | None = None,
     stat: str = "",
     ttl: bool = False,
     push: str = "",
+    active: str | float = "keep",
+    adopt: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The JSON argument of `_TRANSITION_LUA`."""
+    """The JSON argument of `_TRANSITION_LUA`. A terminal `status` also drops the job from the active set."""
+    if status is not None and status.terminal:
+        active = "remove"
     return {
         "allowed": [s.value for s in allowed],
         "status": status.value if status else "",
+        "token": token or "",
+        "actor": actor,
         "set": {k: _encode_value(v) for k, v in (set_fields or {}).items() if v is not None},
         # cjson turns an empty Lua table into an object; keep lists non-empty-safe by always iterating ipairs.
         "del": list(del_fields) + [k for k, v in (set_fields or {}).items() if v is None],
@@ -184,31 +255,111 @@ def _spec(
         "ttl": ttl,
         "push": push,
         "keep": DURATIONS_KEPT,
+        "active": str(active),
+        "adopt": list(adopt),
     }
 
 
+def _script_keys(keys: Keys, job_id: str) -> list[str]:
+    return [keys.job(job_id), keys.stats_finished, keys.stats_durations, keys.active, keys.orphans]
+
+
 def _transition(r: Redis, job_id: str, *, prefix: str, **change: Any) -> tuple[int, str]:
-    """Apply one `_spec(**change)` to the job in one Lua call; returns (code, status before)."""
+    """Apply one `_spec(**change)` to the job in one Lua call; returns (outcome, status before)."""
     keys = Keys(prefix)
-    spec = _spec(**change)
     script = r.register_script(_TRANSITION_LUA)
-    code, current = script(
-        keys=[keys.job(job_id), keys.stats_finished, keys.stats_durations], args=[json.dumps(spec)]
-    )
+    code, current = script(keys=_script_keys(keys, job_id), args=[json.dumps(_spec(**change)), job_id])
     current = current.decode() if isinstance(current, bytes) else current
     return int(code), current
 
 
+def _decide(fields: dict[str, str], spec: dict[str, Any]) -> int:
+    """What `_TRANSITION_LUA` will answer for `spec` on a job hash read under WATCH (the same rules)."""
+    if not fields:
+        return MISSING
+    if spec["token"] and fields.get("run_token", "") != spec["token"]:
+        return FENCED
+    if spec["status"] and fields["status"] == spec["status"] and fields.get("writer", "") == spec["actor"]:
+        return ALREADY
+    return APPLIED if fields["status"] in spec["allowed"] else REFUSED
+
+
+def _after(fields: dict[str, str], spec: dict[str, Any]) -> JobRecord:
+    """The record as `spec` leaves it (what a webhook queued in the same transaction describes)."""
+    new = {k: v for k, v in fields.items() if k not in spec["del"]}
+    new.update(spec["set"])
+    for k, n in spec["incr"].items():
+        new[k] = str(int(new.get(k, "0")) + n)
+    if spec["status"]:
+        new["status"] = spec["status"]
+    new["version"] = str(int(fields.get("version", "0")) + 1)
+    return decode(new)
+
+
+def _raise_for(code: int, job_id: str, current: str, target: str) -> None:
+    if code == MISSING:
+        raise JobNotFound(f"no job {job_id}", param="id")
+    if code == FENCED:
+        raise RunSuperseded(job_id, current, target, message=f"job {job_id} ({current}) belongs to another run now")
+    if code == REFUSED:
+        raise InvalidTransition(job_id, current, target)
+
+
+def _guarded(
+    r: Redis,
+    job_id: str,
+    *,
+    prefix: str,
+    then: Callable[[Pipeline, JobRecord], None] | None = None,
+    **change: Any,
+) -> JobRecord:
+    """Apply `_spec(**change)` and, in the same MULTI/EXEC, whatever `then(pipe, record_after)` queues (an RQ
+    entry, a webhook): the side effects happen exactly when the transition does. The job hash is WATCHed
+    between the read and EXEC. A lost reply is safe: the retry reads the hash again and finds the
+    transition ALREADY made by this actor. Returns the record after the transition; raises like `_apply`."""
+    keys = Keys(prefix)
+    key = keys.job(job_id)
+    spec = _spec(**change)
+    target = spec["status"] or "updated"
+    script = r.register_script(_TRANSITION_LUA)
+    last: Exception | None = None
+    for _ in range(WATCH_ATTEMPTS):
+        with r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                fields = strings(pipe.hgetall(key))
+                code = _decide(fields, spec)
+                _raise_for(code, job_id, fields.get("status", ""), target)
+                after = _after(fields, spec)
+                if code == ALREADY:
+                    return decode(fields)
+                pipe.multi()
+                script(keys=_script_keys(keys, job_id), args=[json.dumps(spec), job_id], client=pipe)
+                if then is not None:
+                    then(pipe, after)
+                pipe.execute()
+                return after
+            except WatchError as exc:  # changed meanwhile, or the connection dropped while watching
+                last = exc
+    raise RedisConnectionError(f"job {job_id}: transition to {target} not confirmed after {WATCH_ATTEMPTS} tries") from last
+
+
 def _apply(r: Redis, job_id: str, target: JobStatus, *, prefix: str, **kwargs: Any) -> None:
     code, current = _transition(r, job_id, prefix=prefix, status=target, **kwargs)
-    if code == -1:
-        raise JobNotFound(f"no job {job_id}", param="id")
-    if code == 0:
-        raise InvalidTransition(job_id, current, target.value)
+    _raise_for(code, job_id, current, target.value)
 
 
 def _now() -> str:
     return utcnow().isoformat()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An Idempotency-Key, written in the same transaction as the job it names (service/jobs/idempotency.py)."""
+
+    key: str  # the Redis key
+    body_sha256: str
+    ttl: int
 
 
 def create(
@@ -217,27 +368,66 @@ def create(
     *,
     prefix: str,
     retention_seconds: int | None = None,
-    pipeline: Pipeline | None = None,
-) -> JobRecord:
-    """Store a new job (status queued) and index it; one MULTI/EXEC. Returns the stored record.
+    enqueue: Callable[[Pipeline], None] | None = None,
+    claim: Claim | None = None,
+    queued_expiry_seconds: float | None = None,
+    deadline_seconds: float | None = None,
+) -> tuple[JobRecord, bool]:
+    """Store a new job (status queued), index it, and in the same MULTI/EXEC write its Idempotency-Key claim
+    and, through `enqueue(pipe)`, its RQ entry: all of them exist, or none. Returns (record, replayed).
 
-    With `pipeline` (a transaction), the commands are only queued on it: the API enqueues the RQ job on the
-    same pipeline, so the record and the queue entry appear together or not at all."""
+    Safe to retry and to race: the job's and the claim's keys are WATCHed, so a retry after a lost reply finds
+    the job it created, and a request whose claim another request won gets that request's job back
+    (replayed=True) - or `Conflict` when it came with another body. `queued_expiry_seconds`: past it the job
+    fails `expired` instead of starting; `deadline_seconds`: when it counts as overdue (the active set)."""
     keys = Keys(prefix)
     if retention_seconds is not None:
         job = job.model_copy(update={"retention_s": retention_seconds})
     created = job.created_at.timestamp()
-    pipe = pipeline if pipeline is not None else r.pipeline(transaction=True)
-    pipe.hset(keys.job(job.id), mapping=encode(job))
-    pipe.expire(keys.job(job.id), job.retention_s)
-    pipe.zadd(keys.jobs, {job.id: created})
-    pipe.zremrangebyscore(keys.jobs, "-inf", f"({time.time() - job.retention_s}")
-    if job.tenant:
-        pipe.zadd(keys.tenant_jobs(job.tenant), {job.id: created})
-        pipe.zremrangebyscore(keys.tenant_jobs(job.tenant), "-inf", f"({time.time() - job.retention_s}")
-    if pipeline is None:
-        pipe.execute()
-    return job
+    watched = [keys.job(job.id)] + ([claim.key] if claim else [])
+    last: Exception | None = None
+    for _ in range(WATCH_ATTEMPTS):
+        with r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(*watched)
+                if pipe.exists(keys.job(job.id)):  # an earlier try of this very call committed
+                    return job, False
+                if claim is not None:
+                    held = pipe.get(claim.key)
+                    if held is not None:
+                        holder = json.loads(held)
+                        if holder["body_sha256"] != claim.body_sha256:
+                            raise Conflict(
+                                "this Idempotency-Key was already used with another request body; use a new key "
+                                "for a new job",
+                                code="idempotency_key_reused",
+                                param="header.Idempotency-Key",
+                            )
+                        original = get(r, holder["job_id"], prefix=prefix)
+                        if original is not None:
+                            return original, True
+                pipe.multi()
+                if claim is not None:
+                    value = json.dumps({"body_sha256": claim.body_sha256, "job_id": job.id, "claimed_at": time.time()})
+                    pipe.set(claim.key, value, ex=claim.ttl)
+                fields = encode(job)
+                if queued_expiry_seconds is not None:
+                    fields["expires_unix"] = str(created + queued_expiry_seconds)
+                pipe.hset(keys.job(job.id), mapping=fields)
+                pipe.expire(keys.job(job.id), job.retention_s)
+                pipe.zadd(keys.jobs, {job.id: created})
+                pipe.zremrangebyscore(keys.jobs, "-inf", f"({time.time() - job.retention_s}")
+                pipe.zadd(keys.active, {job.id: created + (deadline_seconds or job.retention_s)})
+                if job.tenant:
+                    pipe.zadd(keys.tenant_jobs(job.tenant), {job.id: created})
+                    pipe.zremrangebyscore(keys.tenant_jobs(job.tenant), "-inf", f"({time.time() - job.retention_s}")
+                if enqueue is not None:
+                    enqueue(pipe)
+                pipe.execute()
+                return job, False
+            except WatchError as exc:
+                last = exc
+    raise RedisConnectionError(f"job {job.id} not confirmed stored after {WATCH_ATTEMPTS} tries") from last
 
 
 def get(r: Redis, job_id: str, *, prefix: str) -> JobRecord | None:
@@ -249,7 +439,7 @@ def get(r: Redis, job_id: str, *, prefix: str) -> JobRecord | None:
     fields, position, durations = pipe.execute()
     if not fields:
         return None
-    return with_queue_info(decode(_strings(fields)), position, durations)
+    return with_queue_info(decode(strings(fields)), position, durations)
 
 
 def queue_info_commands(pipe: Pipeline, job_id: str, *, prefix: str) -> None:
@@ -319,7 +509,7 @@ def list_jobs(
             if not fields:
                 expired.append(member_id)
                 continue
-            found.append(decode(_strings(fields)))
+            found.append(decode(strings(fields)))
         if expired:
             r.zrem(index, *expired)
             offset -= len(expired)
@@ -331,6 +521,14 @@ def list_jobs(
     return page, next_cursor
 
 
+@dataclass(frozen=True)
+class Run:
+    """A job as a worker started it: the record and the token that fences every write of this run."""
+
+    record: JobRecord
+    token: str
+
+
 def mark_running(
     r: Redis,
     job_id: str,
@@ -339,26 +537,24 @@ def mark_running(
     prefix: str,
     weights_sha256: str | None = None,
     stage: Stage = Stage.loading,
-) -> JobRecord:
-    """queued -> running. Raises InvalidTransition when the job was canceled (or taken) meanwhile."""
-    now = _now()
-    _apply(
-        r,
-        job_id,
-        JobStatus.running,
-        prefix=prefix,
-        allowed=[JobStatus.queued],
-        set_fields={
-            "worker_id": worker_id,
-            "started_at": now,
-            "updated_at": now,
-            "stage": stage.value,
-            "weights_sha256": weights_sha256,
-        },
-        del_fields=["eta_seconds"],
-        incr={"attempts": 1},
+    deadline_seconds: float = 0.0,
+) -> Run:
+    """queued -> running under a new run token `{worker_id}:{attempt}`. Safe to repeat: the same worker gets
+    its run back. Raises InvalidTransition when the job was canceled or taken meanwhile, `JobExpired` when it
+    waited past its expiry (the caller fails it `expired`)."""
+    keys = Keys(prefix)
+    now = utcnow()
+    script = r.register_script(_START_LUA)
+    code, current, token = script(
+        keys=[keys.job(job_id), keys.active],
+        args=[worker_id, now.isoformat(), now.timestamp(), now.timestamp() + deadline_seconds if deadline_seconds else "",
+              weights_sha256 or "", stage.value, job_id],
     )
-    return _must_get(r, job_id, prefix=prefix)
+    current = current.decode() if isinstance(current, bytes) else current
+    if code == EXPIRED:
+        raise JobExpired(job_id, current, JobStatus.running.value, message=f"job {job_id} expired while queued")
+    _raise_for(int(code), job_id, current, JobStatus.running.value)
+    return Run(_must_get(r, job_id, prefix=prefix), token.decode() if isinstance(token, bytes) else token)
 
 
 def update_progress(
@@ -371,10 +567,11 @@ def update_progress(
     eta_seconds: float | None = None,
     *,
     prefix: str,
-) -> JobStatus | None:
-    """Record progress of a running job (one cheap script call). Returns the job's current status, so the
-    same call is the worker's cancel poll: `canceling` means stop between steps. A job that is no longer
-    running/canceling is left untouched; None means the job does not exist."""
+    token: str,
+) -> JobStatus:
+    """Record progress of this run (one cheap script call, safe to repeat). Returns the job's status, so the
+    same call is the worker's cancel poll: `canceling` means stop between steps. Raises RunSuperseded when the
+    job is no longer this run's (re-queued, taken over, ended by the reaper): the run must stop at once."""
     set_fields: dict[str, Any] = {"stage": stage.value, "updated_at": _now()}
     if step is not None:
         set_fields["step"] = step
@@ -385,38 +582,69 @@ def update_progress(
     if eta_seconds is not None:
         set_fields["eta_seconds"] = round(float(eta_seconds), 1)
     code, current = _transition(
-        r, job_id, prefix=prefix, allowed=[JobStatus.running, JobStatus.canceling], set_fields=set_fields
+        r, job_id, prefix=prefix, allowed=[JobStatus.running, JobStatus.canceling], token=token,
+        set_fields=set_fields,
     )
-    return None if code == -1 else JobStatus(current)
+    if code == REFUSED:
+        code = FENCED  # ended or re-queued under this run: for the run, the same as taken over
+    _raise_for(code, job_id, current, "updated")
+    return JobStatus(current)
 
 
-def add_warnings(r: Redis, job_id: str, warnings: Sequence[JobWarning | dict[str, Any]], *, prefix: str) -> None:
-    """Append warnings (e.g. prompt_truncated) to a job; optimistic WATCH/MULTI/EXEC."""
+_ADD_WARNINGS_LUA = """
+if (redis.call('HGET', KEYS[1], 'run_token') or '') ~= ARGV[1] then return 0 end
+local raw = redis.call('HGET', KEYS[1], 'warnings')
+local current = {}
+if raw and raw ~= '' and raw ~= '[]' then current = cjson.decode(raw) end
+local seen = {}
+for _, w in ipairs(current) do seen[w['code']] = true end
+for _, w in ipairs(cjson.decode(ARGV[2])) do
+  if not seen[w['code']] then table.insert(current, w); seen[w['code']] = true end
+end
+redis.call('HSET', KEYS[1], 'warnings', cjson.encode(current))
+return 1
+"""
+
+
+def add_warnings(
+    r: Redis, job_id: str, warnings: Sequence[JobWarning | dict[str, Any]], *, prefix: str, token: str
+) -> None:
+    """Append warnings (e.g. prompt_truncated) a job does not have yet (by code: safe to repeat); fenced."""
     new = [JobWarning.model_validate(w).model_dump(mode="json", exclude_none=True) for w in warnings]
     if not new:
         return
-    key = Keys(prefix).job(job_id)
-
-    def append(pipe: Any) -> None:
-        raw = pipe.hget(key, "warnings")
-        if not pipe.exists(key):
-            raise JobNotFound(f"no job {job_id}", param="id")
-        current = json.loads(raw) if raw else []
-        pipe.multi()
-        pipe.hset(key, "warnings", _encode_value(list(current or []) + new))
-
-    r.transaction(append, key)
+    script = r.register_script(_ADD_WARNINGS_LUA)
+    if not script(keys=[Keys(prefix).job(job_id)], args=[token, json.dumps(new)]):
+        raise RunSuperseded(job_id, "?", "updated", message=f"job {job_id} belongs to another run now")
 
 
-def mark_succeeded(r: Redis, job_id: str, outputs: Outputs, timings: Timings, *, prefix: str) -> JobRecord:
-    """running|canceling -> succeeded, only after every output object is fully written."""
+def _notify_on(r: Redis, prefix: str, event: str) -> Callable[[Pipeline, JobRecord], None]:
+    """A `then` for `_guarded`: queue the job's webhook for `event` in the transition's transaction, so it is
+    queued exactly once per transition."""
+
+    def queue(pipe: Pipeline, record: JobRecord) -> None:
+        webhooks.enqueue_event(r, record, event, prefix=prefix, pipeline=pipe)
+
+    return queue
+
+
+def mark_succeeded(
+    r: Redis, job_id: str, outputs: Outputs, timings: Timings, *, prefix: str, token: str
+) -> JobRecord:
+    """running|canceling -> succeeded, only after every output object is fully written; the record points at
+    this run's objects, which stop being orphan candidates in the same script (`adopt`). Fenced; safe to
+    repeat; the `video.succeeded` webhook is queued in the same transaction."""
     now = _now()
-    _apply(
+    keys = [o.key for o in (outputs.video, outputs.thumbnail, outputs.sidecar) if o is not None]
+    return _guarded(
         r,
         job_id,
-        JobStatus.succeeded,
         prefix=prefix,
+        then=_notify_on(r, prefix, "video.succeeded"),
+        status=JobStatus.succeeded,
         allowed=[JobStatus.running, JobStatus.canceling],
+        token=token,
+        actor=token,
         set_fields={
             "outputs": outputs.model_dump(mode="json", exclude_none=True),
             "timings": timings.model_dump(mode="json", exclude_none=True),
@@ -428,8 +656,8 @@ def mark_succeeded(r: Redis, job_id: str, outputs: Outputs, timings: Timings, *,
         stat=f"{JobStatus.succeeded.value}:",
         ttl=True,
         push=str(timings.total_s) if timings.total_s is not None else "",
+        adopt=keys,
     )
-    return _must_get(r, job_id, prefix=prefix)
 
 
 def mark_failed(
@@ -440,17 +668,24 @@ def mark_failed(
     retryable: bool = False,
     *,
     prefix: str,
+    token: str | None,
+    actor: str,
     timings: Timings | None = None,
 ) -> JobRecord:
-    """queued|running|canceling -> failed with an error code (schemas.ErrorCode)."""
+    """-> failed with an error code (schemas.ErrorCode), in one transaction with its `video.failed` webhook.
+    With `token` (a run, or a reaper acting on the run it saw): running|canceling only, fenced. Without: a job
+    that never started (queued), e.g. an invalid payload or an expired job. Safe to repeat by the same actor."""
     error = JobError(code=code, message=message, retryable=retryable)  # type: ignore[arg-type]
     now = _now()
-    _apply(
+    return _guarded(
         r,
         job_id,
-        JobStatus.failed,
         prefix=prefix,
-        allowed=[JobStatus.queued, JobStatus.running, JobStatus.canceling],
+        then=_notify_on(r, prefix, "video.failed"),
+        status=JobStatus.failed,
+        allowed=[JobStatus.running, JobStatus.canceling] if token else [JobStatus.queued],
+        token=token,
+        actor=actor,
         set_fields={
             "error": error.model_dump(mode="json"),
             "timings": timings.model_dump(mode="json", exclude_none=True) if timings else None,
@@ -461,7 +696,6 @@ def mark_failed(
         stat=f"{JobStatus.failed.value}:{error.code.value}",
         ttl=True,
     )
-    return _must_get(r, job_id, prefix=prefix)
 
 
 def _cancel_fields() -> dict[str, Any]:
@@ -470,98 +704,119 @@ def _cancel_fields() -> dict[str, Any]:
     return {"error": error.model_dump(mode="json"), "completed_at": now, "updated_at": now}
 
 
-def mark_canceled(r: Redis, job_id: str, *, prefix: str) -> JobRecord:
-    """queued|running|canceling -> canceled (the worker calls this after stopping between steps)."""
-    _apply(
-        r,
-        job_id,
-        JobStatus.canceled,
-        prefix=prefix,
-        allowed=[JobStatus.queued, JobStatus.running, JobStatus.canceling],
-        set_fields=_cancel_fields(),
-        del_fields=["eta_seconds"],
-        stat=f"{JobStatus.canceled.value}:canceled",
-        ttl=True,
-    )
-    return _must_get(r, job_id, prefix=prefix)
-
-
-def request_cancel(r: Redis, job_id: str, *, prefix: str) -> JobRecord:
-    """A client's cancel: queued -> canceled at once; running -> canceling (the worker stops between steps);
-    canceling stays; a terminal job raises InvalidTransition (HTTP 409). The caller removes the RQ job."""
-    code, current = _transition(
+def mark_canceled(r: Redis, job_id: str, *, prefix: str, token: str, actor: str) -> JobRecord:
+    """running|canceling -> canceled: the run stopped between steps (or the reaper ends a cancel whose run is
+    gone or stuck). Fenced on `token`; safe to repeat; the `video.canceled` webhook in the same transaction."""
+    return _guarded(
         r,
         job_id,
         prefix=prefix,
-        allowed=[JobStatus.queued],
+        then=_notify_on(r, prefix, "video.canceled"),
         status=JobStatus.canceled,
+        allowed=[JobStatus.running, JobStatus.canceling],
+        token=token,
+        actor=actor,
         set_fields=_cancel_fields(),
         del_fields=["eta_seconds"],
         stat=f"{JobStatus.canceled.value}:canceled",
         ttl=True,
     )
-    if code == -1:
-        raise JobNotFound(f"no job {job_id}", param="id")
-    if code == 0 and current == JobStatus.running.value:
-        code, current = _transition(
-            r,
-            job_id,
-            prefix=prefix,
-            allowed=[JobStatus.running],
-            status=JobStatus.canceling,
-            set_fields={"updated_at": _now()},
-        )
-    if code == 0 and current != JobStatus.canceling.value:
-        raise InvalidTransition(
-            job_id,
-            current,
-            JobStatus.canceled.value,
-            message=f"job {job_id} already finished ({current}); only queued or running jobs can be canceled",
-        )
-    return _must_get(r, job_id, prefix=prefix)
+
+
+def request_cancel(r: Redis, job_id: str, *, prefix: str, actor: str = "api") -> tuple[JobRecord, bool]:
+    """A client's cancel; returns (record, changed). queued -> canceled at once, in one transaction with the
+    removal of its RQ queue entry and its `video.canceled` webhook; running -> canceling (the run stops
+    between steps, or the reaper ends it after `cancel_grace_seconds`). A job already canceling or canceled
+    is returned unchanged (a repeated cancel is not an error); a finished one raises InvalidTransition."""
+
+    def unqueue(pipe: Pipeline, record: JobRecord) -> None:
+        pipe.lrem(Keys(prefix).rq_queue, 0, job_id)
+        pipe.delete(f"rq:job:{job_id}")  # RQ's copy: nobody will run it (a worker that took it skips it)
+        _notify_on(r, prefix, "video.canceled")(pipe, record)
+
+    for _ in range(WATCH_ATTEMPTS):
+        record = _must_get(r, job_id, prefix=prefix)
+        if record.status in (JobStatus.canceling, JobStatus.canceled):
+            return record, False
+        if record.status.terminal:
+            raise InvalidTransition(
+                job_id, record.status.value, JobStatus.canceled.value,
+                message=f"job {job_id} already finished ({record.status.value}); only queued or running jobs "
+                "can be canceled",
+            )
+        try:
+            if record.status == JobStatus.queued:
+                return _guarded(
+                    r, job_id, prefix=prefix, then=unqueue, status=JobStatus.canceled, allowed=[JobStatus.queued],
+                    actor=actor, set_fields=_cancel_fields(), del_fields=["eta_seconds"],
+                    stat=f"{JobStatus.canceled.value}:canceled", ttl=True,
+                ), True
+            return _guarded(
+                r, job_id, prefix=prefix, status=JobStatus.canceling, allowed=[JobStatus.running], actor=actor,
+                set_fields={"updated_at": _now(), "cancel_requested_unix": time.time()},
+            ), True
+        except InvalidTransition:
+            continue  # it moved on meanwhile (started, finished): look again
+    return _must_get(r, job_id, prefix=prefix), False
 
 
 def mark_requeued(
-    r: Redis, job_id: str, *, prefix: str, enqueue: Callable[[Pipeline, JobRecord], None] | None = None
+    r: Redis,
+    job_id: str,
+    *,
+    prefix: str,
+    token: str | None,
+    actor: str,
+    enqueue: Callable[[Pipeline, JobRecord], None] | None = None,
+    deadline_seconds: float = 0.0,
 ) -> JobRecord:
-    """running -> queued (worker lost or shut down mid-job). `attempts` keeps counting, so the caller can give
-    up after N with mark_failed(worker_lost). A `canceling` job is not re-queued (it should end `canceled`).
-
-    `enqueue(pipe, record)` queues the job's RQ entry on the same MULTI/EXEC (service/jobs/queueing.py): the job is
-    queued in both places or in neither. The job hash is WATCHed meanwhile, so a concurrent change retries."""
-    keys = Keys(prefix)
-    key = keys.job(job_id)
-    spec = _spec(
-        allowed=[JobStatus.running],
+    """running -> queued (worker lost or shut down mid-job), fenced on the run's `token`. `attempts` keeps
+    counting, so the caller can give up after N with mark_failed(worker_lost). A `canceling` job is not
+    re-queued (it should end `canceled`). `enqueue(pipe, record)` queues the job's RQ entry on the same
+    MULTI/EXEC (service/jobs/queueing.py): the job is queued in both places or in neither."""
+    _guarded(
+        r,
+        job_id,
+        prefix=prefix,
+        then=enqueue,
         status=JobStatus.queued,
+        allowed=[JobStatus.running],
+        token=token,
+        actor=actor,
         set_fields={"stage": Stage.queued.value, "progress": 0, "updated_at": _now()},
         del_fields=["worker_id", "started_at", "step", "total_steps", "eta_seconds"],
+        active=time.time() + deadline_seconds if deadline_seconds else "keep",
     )
-    script = r.register_script(_TRANSITION_LUA)
+    return _must_get(r, job_id, prefix=prefix)  # with its queue position
 
-    def transition(pipe: Pipeline) -> None:
-        fields = _strings(pipe.hgetall(key))  # immediate: the pipe is WATCHing, not yet in MULTI
-        if not fields:
-            raise JobNotFound(f"no job {job_id}", param="id")
-        if fields["status"] != JobStatus.running.value:
-            raise InvalidTransition(job_id, fields["status"], JobStatus.queued.value)
-        pipe.multi()
-        script(keys=[key, keys.stats_finished, keys.stats_durations], args=[json.dumps(spec)], client=pipe)
-        if enqueue is not None:
-            enqueue(pipe, decode(fields))
 
-    r.transaction(transition, key)
-    return _must_get(r, job_id, prefix=prefix)
+def expire(r: Redis, job_id: str, *, prefix: str, actor: str) -> JobRecord:
+    """queued -> failed `expired`: it waited past BORA_QUEUED_EXPIRY_SECONDS (the reaper, or a worker that
+    dequeued it late); its RQ entry, if any, is skipped by whichever worker takes it."""
+    return mark_failed(
+        r, job_id, "expired", "the job waited in the queue past its expiry and was not run",
+        prefix=prefix, token=None, actor=actor,
+    )
 
 
 def finished_counts(r: Redis, *, prefix: str) -> dict[tuple[str, str], int]:
     """{(status, code): count} of terminal transitions so far (for bora_jobs_finished_total)."""
     raw = r.hgetall(Keys(prefix).stats_finished)
     counts: dict[tuple[str, str], int] = {}
-    for field, value in _strings(raw).items():
+    for field, value in strings(raw).items():
         status, _, code = field.partition(":")
         counts[(status, code)] = int(value)
     return counts
+
+
+def active_counts(r: Redis, *, prefix: str) -> tuple[int, int]:
+    """(jobs not terminal yet, those of them past their deadline) from the active set."""
+    keys = Keys(prefix)
+    pipe = r.pipeline(transaction=False)
+    pipe.zcard(keys.active)
+    pipe.zcount(keys.active, "-inf", time.time())
+    active, overdue = pipe.execute()
+    return int(active), int(overdue)
 
 
 def _must_get(r: Redis, job_id: str, *, prefix: str) -> JobRecord:
@@ -571,7 +826,8 @@ def _must_get(r: Redis, job_id: str, *, prefix: str) -> JobRecord:
     return record
 
 
-def _strings(fields: dict[Any, Any]) -> dict[str, str]:
+def strings(fields: dict[Any, Any]) -> dict[str, str]:
+    """A hash as Redis returned it (bytes or str) -> str keys and values."""
     return {
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
         for k, v in fields.items()

@@ -64,6 +64,7 @@ class ErrorCode(StrEnum):
     timeout = "timeout"
     internal = "internal"
     worker_lost = "worker_lost"
+    expired = "expired"
     canceled = "canceled"
 
 
@@ -157,6 +158,9 @@ class VideoCreate(BaseModel):
     )
     webhook: WebhookCreate | None = Field(
         None, description="Signed POSTs on state changes; the secret is `GET /v1/webhook-secret`."
+    )
+    timeout_seconds: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        None, description="Run-time limit of the job; at most (and by default) the server's BORA_JOB_TIMEOUT_SECONDS."
     )
 
 
@@ -257,6 +261,7 @@ class VideoJob(BaseModel):
     timings: Timings | None = None
     error: JobError | None = None
     webhook: Webhook | None = None
+    timeout_seconds: int | None = Field(None, description="Run-time limit: past it the job fails `timeout`.")
     version: int = Field(0, ge=0, description="Bumped by every change of the job; the id of its live events.")
 
 
@@ -266,6 +271,7 @@ class JobRecord(VideoJob):
     tenant: str | None = None
     request_id: str | None = None
     worker_id: str | None = None
+    run_token: str | None = Field(None, description="`{worker_id}:{attempt}` of the run that owns the job.")
     attempts: int = 0
     retention_s: int = 604800
     idempotency_key: str | None = Field(None, description="The submission's key, so deleting the job drops it.")
@@ -288,6 +294,7 @@ class JobPayload(BaseModel):
     tenant: str | None = None
     metadata: dict[str, str] | None = None
     enqueued_at: datetime | None = None
+    timeout_seconds: int | None = None
 
 
 class WebhookAttempt(BaseModel):

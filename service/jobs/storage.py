@@ -261,6 +261,7 @@ def make_storage(settings: Settings) -> Storage:
     return LocalStorage(settings.storage_dir)
 
 
-def output_key(job_id: str, name: str) -> str:
-    """Where a job's outputs live: `videos/<job_id>/<name>` (video.mp4, thumbnail.jpg, metadata.json)."""
-    return f"videos/{job_id}/{name}"
+def output_key(job_id: str, name: str, attempt: int) -> str:
+    """Where a run's outputs live: `videos/<job_id>/<attempt>/<name>` (video.mp4, thumbnail.jpg,
+    metadata.json). Per attempt, so a late or superseded run never overwrites or deletes another run's."""
+    return f"videos/{job_id}/{attempt}/{name}"

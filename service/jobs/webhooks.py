@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 from redis import Redis
+from redis.client import Pipeline
 
 from service.jobs.config import Settings
 from service.jobs.schemas import WEBHOOK_EVENTS, JobRecord
@@ -317,10 +318,13 @@ def queue_name(prefix: str) -> str:
     return f"{prefix}-webhooks"
 
 
-def enqueue_event(r: Redis, job: JobRecord, event: str, *, prefix: str) -> str | None:
+def enqueue_event(
+    r: Redis, job: JobRecord, event: str, *, prefix: str, pipeline: Pipeline | None = None
+) -> str | None:
     """Queue the first delivery attempt of `event` for `job` if the job's webhook asked for it; returns the
-    message id (None: nothing to send). The body is built now, so its timestamp is when the change happened
-    and every retry sends the same bytes. The tenant travels with the task; the secret never does."""
+    message id (None: nothing to send). With `pipeline` (a transaction in MULTI mode) the task is only queued
+    on it, so it is sent exactly when the caller's transaction commits. The body is built now, so its
+    timestamp is when the change happened and every retry sends the same bytes. The tenant travels with the task; the secret never does."""
     hook = job.webhook
     if hook is None or event not in hook.events:
         return None
@@ -336,6 +340,7 @@ def enqueue_event(r: Redis, job: JobRecord, event: str, *, prefix: str) -> str |
         result_ttl=TASK_RESULT_TTL,
         failure_ttl=7 * 24 * 3600,
         description=f"webhook {event} {job.id}",
+        pipeline=pipeline,
     )
     return msg_id
 

@@ -24,7 +24,7 @@ from service.keys import create_key
 from tests.support import (
     delete_stack_keys,
     free_port,
-    redis_or_skip,
+    require_redis,
     stack_env,
     start_process,
     stop_processes,
@@ -99,7 +99,7 @@ class Stack:
 
 def run_stack(tmp: Path, model_dir: Path, **settings: str) -> Iterator[Stack]:
     """For a fixture to `yield from`: a started Stack, stopped and its Redis keys removed afterwards."""
-    r = redis_or_skip(REDIS_URL)
+    r = require_redis(REDIS_URL)
     stack = Stack(tmp, model_dir, **settings)
     try:
         stack.start()

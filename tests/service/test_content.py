@@ -25,8 +25,9 @@ def test_not_ready_is_409_and_failed_is_409(client, redis_conn, settings):
     job_id = submit(client)
     response = client.get(f"/v1/videos/{job_id}/content")
     assert response.status_code == 409 and response.json()["error"]["code"] == "video_not_ready"
-    jobstore.mark_running(redis_conn, job_id, "w", prefix=settings.key_prefix)
-    jobstore.mark_failed(redis_conn, job_id, "numerical_error", "NaN at step 3", prefix=settings.key_prefix)
+    token = jobstore.mark_running(redis_conn, job_id, "w", prefix=settings.key_prefix).token
+    jobstore.mark_failed(redis_conn, job_id, "numerical_error", "NaN at step 3", prefix=settings.key_prefix,
+                         token=token, actor=token)
     response = client.get(f"/v1/videos/{job_id}/content")
     assert response.status_code == 409 and response.json()["error"]["code"] == "video_unavailable"
     job = client.get(f"/v1/videos/{job_id}").json()
@@ -92,7 +93,7 @@ def test_missing_thumbnail_and_missing_file_are_404(client, redis_conn, settings
     finish_like_worker(redis_conn, settings, job_id, VIDEO)
     response = client.get(f"/v1/videos/{job_id}/content", params={"variant": "thumbnail"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "content_not_found"
-    (settings.storage_dir / "videos" / job_id / "video.mp4").unlink()
+    (settings.storage_dir / "videos" / job_id / "1" / "video.mp4").unlink()
     response = client.get(f"/v1/videos/{job_id}/content")
     assert response.status_code == 404 and response.json()["error"]["code"] == "content_missing"
 
@@ -125,22 +126,23 @@ def test_s3_content_redirects_to_a_fresh_presigned_url(redis_conn, s3_settings, 
     store.create_bucket()
     with TestClient(create_app(s3_settings), headers=bearer(api_key)) as client:
         job_id = submit(client)
-        jobstore.mark_running(redis_conn, job_id, "w", prefix=s3_settings.key_prefix)
+        token = jobstore.mark_running(redis_conn, job_id, "w", prefix=s3_settings.key_prefix).token
         from service.jobs.schemas import Outputs, Timings, VideoOutput, content_url
 
-        key = storage_mod.output_key(job_id, "video.mp4")
+        key = storage_mod.output_key(job_id, "video.mp4", 1)
         store.put_bytes(key, VIDEO, "video/mp4")
         outputs = Outputs(video=VideoOutput(
             url=content_url(job_id), key=key, bytes=len(VIDEO), content_type="video/mp4", width=64, height=64,
             frames=16, fps=8, duration_s=2.0,
         ))
-        jobstore.mark_succeeded(redis_conn, job_id, outputs, Timings(total_s=1.0), prefix=s3_settings.key_prefix)
+        jobstore.mark_succeeded(redis_conn, job_id, outputs, Timings(total_s=1.0), prefix=s3_settings.key_prefix,
+                                token=token)
 
         first = client.get(f"/v1/videos/{job_id}/content", follow_redirects=False)
         assert first.status_code == 307
         assert first.headers["cache-control"] == "no-store"
         url = first.headers["location"]
-        assert url.startswith(f"{s3_server}/bora-videos/videos/{job_id}/video.mp4?")
+        assert url.startswith(f"{s3_server}/bora-videos/videos/{job_id}/1/video.mp4?")
         query = parse_qs(urlsplit(url).query)
         assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-Expires"] == ["120"]
         fetched = httpx.get(url)

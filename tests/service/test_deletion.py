@@ -40,19 +40,19 @@ def s3_client(s3_settings: Settings) -> Iterator[TestClient]:
 
 def succeed_in(storage: Storage, r: Redis, prefix: str, job_id: str) -> None:
     """What the worker does: run, upload the three objects, mark succeeded."""
-    jobstore.mark_running(r, job_id, "test-worker", prefix=prefix)
-    jobstore.update_progress(r, job_id, Stage.uploading, prefix=prefix)
+    token = jobstore.mark_running(r, job_id, "test-worker", prefix=prefix).token
+    jobstore.update_progress(r, job_id, Stage.uploading, prefix=prefix, token=token)
     for name, data in (("video.mp4", b"mp4" * 100), ("thumbnail.jpg", b"jpg"), ("metadata.json", b"{}")):
-        storage.put_bytes(output_key(job_id, name), data, "application/octet-stream")
+        storage.put_bytes(output_key(job_id, name, 1), data, "application/octet-stream")
     outputs = Outputs(
-        video=VideoOutput(url=content_url(job_id), key=output_key(job_id, "video.mp4"), bytes=300,
+        video=VideoOutput(url=content_url(job_id), key=output_key(job_id, "video.mp4", 1), bytes=300,
                           content_type="video/mp4", width=64, height=64, frames=16, fps=8, duration_s=2.0),
-        thumbnail=ImageOutput(url=content_url(job_id, "thumbnail"), key=output_key(job_id, "thumbnail.jpg"),
+        thumbnail=ImageOutput(url=content_url(job_id, "thumbnail"), key=output_key(job_id, "thumbnail.jpg", 1),
                               bytes=3, content_type="image/jpeg", width=64, height=64),
-        sidecar=FileOutput(url=content_url(job_id, "metadata"), key=output_key(job_id, "metadata.json"), bytes=2,
+        sidecar=FileOutput(url=content_url(job_id, "metadata"), key=output_key(job_id, "metadata.json", 1), bytes=2,
                            content_type="application/json"),
     )
-    jobstore.mark_succeeded(r, job_id, outputs, Timings(total_s=1.0), prefix=prefix)
+    jobstore.mark_succeeded(r, job_id, outputs, Timings(total_s=1.0), prefix=prefix, token=token)
 
 
 def test_delete_a_succeeded_job_from_s3(s3_client: TestClient, s3_settings: Settings, redis_conn: Redis) -> None:
@@ -60,7 +60,7 @@ def test_delete_a_succeeded_job_from_s3(s3_client: TestClient, s3_settings: Sett
     created = s3_client.post("/v1/videos", json=BODY, headers={"Idempotency-Key": "k-1"})
     job_id = created.json()["id"]
     succeed_in(storage, redis_conn, prefix, job_id)
-    keys = [output_key(job_id, name) for name in deletion.OUTPUT_NAMES]
+    keys = [output_key(job_id, name, 1) for name in deletion.OUTPUT_NAMES]
     assert all(storage.exists(key) for key in keys)
     assert redis_conn.exists(f"{prefix}:idem:{TENANT}:k-1")
 
@@ -103,11 +103,12 @@ def test_a_running_job_is_stopped_before_it_is_deleted(s3_settings: Settings, re
     jobstore.create(redis_conn, record, prefix=prefix)
     running = jobstore.mark_running(redis_conn, record.id, "test-worker", prefix=prefix)
     with pytest.raises(JobStopping) as caught:  # no worker stops it here
-        deletion.delete_job(redis_conn, storage, running, prefix=prefix, stop_wait_seconds=0.3)
+        deletion.delete_job(redis_conn, storage, running.record, prefix=prefix, stop_wait_seconds=0.3)
     assert caught.value.code == "job_stopping" and caught.value.retry_after_seconds == 2
     assert jobstore.get(redis_conn, record.id, prefix=prefix).status == "canceling"  # asked to stop, kept
 
-    jobstore.mark_canceled(redis_conn, record.id, prefix=prefix)  # what the worker does between steps
+    # what the worker does between steps
+    jobstore.mark_canceled(redis_conn, record.id, prefix=prefix, token=running.token, actor="test-worker")
     current = jobstore.get(redis_conn, record.id, prefix=prefix)
     assert deletion.delete_job(redis_conn, storage, current, prefix=prefix).status == "canceled"
     assert jobstore.get(redis_conn, record.id, prefix=prefix) is None

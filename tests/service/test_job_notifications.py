@@ -15,6 +15,7 @@ from rq import Queue
 from service.api.app import create_app
 from service.jobs import jobstore, webhooks
 from service.jobs.config import Settings
+from service.jobs.errors import InvalidTransition
 from service.jobs.logs import JsonFormatter
 from service.jobs.schemas import JobStatus, Stage
 from tests.service.conftest import REDIS_URL, queued_record
@@ -139,15 +140,16 @@ def test_event_stream_of_a_finished_job_is_its_last_state_then_ends(hooks_client
 def test_every_transition_bumps_the_version(redis_conn, prefix):
     record = queued_record()
     jobstore.create(redis_conn, record, prefix=prefix)
-    jobstore.mark_running(redis_conn, record.id, "w", prefix=prefix)
-    jobstore.update_progress(redis_conn, record.id, Stage.denoising, 1, 10, 10.0, prefix=prefix)
+    token = jobstore.mark_running(redis_conn, record.id, "w", prefix=prefix).token
+    jobstore.update_progress(redis_conn, record.id, Stage.denoising, 1, 10, 10.0, prefix=prefix, token=token)
     jobstore.request_cancel(redis_conn, record.id, prefix=prefix)
     assert jobstore.get(redis_conn, record.id, prefix=prefix).version == 3
-    jobstore.mark_canceled(redis_conn, record.id, prefix=prefix)
+    jobstore.mark_canceled(redis_conn, record.id, prefix=prefix, token=token, actor=token)
     after = jobstore.get(redis_conn, record.id, prefix=prefix)
     assert after.status == JobStatus.canceled and after.version == 4
     # A refused transition changes nothing, version included.
-    assert jobstore.update_progress(redis_conn, record.id, Stage.denoising, 2, 10, prefix=prefix) == JobStatus.canceled
+    with pytest.raises(InvalidTransition):
+        jobstore.update_progress(redis_conn, record.id, Stage.denoising, 2, 10, prefix=prefix, token=token)
     assert jobstore.get(redis_conn, record.id, prefix=prefix).version == 4
 
 

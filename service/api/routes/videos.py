@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 from typing import Annotated, Literal
@@ -10,15 +9,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import RedirectResponse
 from redis import Redis
-from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
 
 from service.api.deps import (
     AdmissionDep,
     MetricsDep,
     ModelSpecDep,
-    QueueDep,
     RedisDep,
     RequestIdDep,
     SettingsDep,
@@ -106,35 +101,21 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     return record
 
 
-def claim_idempotency_key(
-    r: Redis, settings: Settings, tenant: str, key: str, body: VideoCreate, job_id: str
-) -> JobRecord | None:
-    """None: the key is now ours, go create `job_id`. A record: the job an earlier request with the same key
-    and body created (replay it). 409 when the key came with another body, or its job is still being written."""
-    fingerprint = idempotency.body_sha256(body.model_dump(mode="json", exclude_unset=True))
-    ttl = min(idempotency.TTL_SECONDS, settings.job_retention_seconds)  # never outlive the job it names
-    for _ in range(2):
-        existing, other_body = idempotency.claim(r, settings.key_prefix, tenant, key, fingerprint, job_id, ttl)
-        if existing is None:
-            return None
-        if other_body:
-            raise Conflict(
-                "this Idempotency-Key was already used with another request body; use a new key for a new job",
-                code="idempotency_key_reused",
-                param="header.Idempotency-Key",
-            )
-        record = jobstore.get(r, existing, prefix=settings.key_prefix)
-        if record is not None and record.tenant == tenant:
-            return record
-        if not idempotency.abandoned(r, settings.key_prefix, tenant, key, existing, IDEMPOTENCY_GRACE_SECONDS):
-            break
-        idempotency.release(r, settings.key_prefix, tenant, key, existing)  # its request died: take the key over
-    raise Conflict(
-        "a request with this Idempotency-Key is still being processed; retry shortly",
-        code="idempotency_key_in_use",
-        param="header.Idempotency-Key",
-        headers={"Retry-After": "1"},
-    )
+def replay(r: Redis, settings: Settings, tenant: str, key: str, fingerprint: str) -> JobRecord | None:
+    """The job an earlier request with this Idempotency-Key and body created, or None (go create one).
+    409 when the key came with another body."""
+    held = idempotency.lookup(r, settings.key_prefix, tenant, key)
+    if held is None:
+        return None
+    job_id, held_fingerprint = held
+    if held_fingerprint != fingerprint:
+        raise Conflict(
+            "this Idempotency-Key was already used with another request body; use a new key for a new job",
+            code="idempotency_key_reused",
+            param="header.Idempotency-Key",
+        )
+    record = jobstore.get(r, job_id, prefix=settings.key_prefix)
+    return record if record is not None and record.tenant == tenant else None
 
 
 @router.post(
@@ -174,6 +155,11 @@ def create_video(
         max_metadata_bytes=settings.max_metadata_bytes,
     )
     webhook = accept_webhook(body.webhook, settings) if body.webhook is not None else None
+    if body.timeout_seconds is not None and body.timeout_seconds > settings.job_timeout_seconds:
+        raise InvalidRequest(
+            f"timeout_seconds must be at most {settings.job_timeout_seconds} on this server",
+            param="body.timeout_seconds",
+        )
     now = utcnow()
     record = JobRecord(
         id=jobstore.new_job_id(),
@@ -191,34 +177,47 @@ def create_video(
         request_id=request_id,
         retention_s=settings.job_retention_seconds,
         idempotency_key=idempotency_key,
+        timeout_seconds=queueing.run_limit(settings, body.timeout_seconds),
     )
     base_url = (settings.public_base_url or "").rstrip("/")
+    claim = None
     if idempotency_key is not None:
-        original = claim_idempotency_key(r, settings, tenant, idempotency_key, body, record.id)
+        fingerprint = idempotency.body_sha256(body.model_dump(mode="json", exclude_unset=True))
+        original = replay(r, settings, tenant, idempotency_key, fingerprint)
         if original is not None:
-            response.headers["Location"] = f"{base_url}/v1/videos/{original.id}"
-            response.headers["Idempotent-Replayed"] = "true"
-            return present(original, settings)
+            return replayed(original, response, settings, base_url)
+        ttl = min(idempotency.TTL_SECONDS, settings.job_retention_seconds)  # never outlive the job it names
+        claim = idempotency.claim(settings.key_prefix, tenant, idempotency_key, fingerprint, ttl)
+    admission.check_rate(tenant)  # 429 over the tenant's submission rate
+    admission.reserve(tenant, record.id)  # 429 over the tenant's or the global queue cap
     try:
-        admission.check_rate(tenant)  # 429 over the tenant's submission rate
-        admission.reserve(tenant, record.id)  # 429 over the tenant's or the global queue cap
-        # The job record and the RQ entry are written in one MULTI/EXEC: both exist, or neither.
-        pipe = r.pipeline(transaction=True)
-        pipe.multi()  # explicit, so RQ queues its commands on our transaction instead of opening one
-        jobstore.create(r, record, prefix=settings.key_prefix, pipeline=pipe)
-        queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe)
-        jobstore.queue_info_commands(pipe, record.id, prefix=settings.key_prefix)
-        *_, position, durations = pipe.execute()
+        # The job record, its Idempotency-Key claim and its RQ entry are written in one MULTI/EXEC: all of
+        # them, or none. A lost reply is retried inside (WATCH): never a second job or a second queue entry.
+        stored, was_replay = jobstore.create(
+            r,
+            record,
+            prefix=settings.key_prefix,
+            enqueue=lambda pipe: queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe),
+            claim=claim,
+            queued_expiry_seconds=settings.queued_expiry_seconds,
+            deadline_seconds=queueing.queued_deadline(settings, record.timeout_seconds),
+        )
     except BaseException:
-        admission.release(tenant, record.id)
-        if idempotency_key is not None:
-            with contextlib.suppress(RedisError):  # else the claim is abandoned and taken over later
-                idempotency.release(r, settings.key_prefix, tenant, idempotency_key, record.id)
+        admission.release(tenant, record.id)  # a reservation only: releasing it never loses a job
         raise
+    if was_replay:  # a concurrent request with the same key won
+        admission.release(tenant, record.id)
+        return replayed(stored, response, settings, base_url)
     metrics.jobs_submitted.labels(spec.name).inc()
     audit("job.created", record, outcome="queued", request_id=request_id, webhook=webhook is not None)
     response.headers["Location"] = f"{base_url}/v1/videos/{record.id}"
-    return present(jobstore.with_queue_info(record, position, durations), settings)
+    return present(jobstore.get(r, record.id, prefix=settings.key_prefix) or record, settings)
+
+
+def replayed(original: JobRecord, response: Response, settings: Settings, base_url: str) -> VideoJob:
+    response.headers["Location"] = f"{base_url}/v1/videos/{original.id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return present(original, settings)
 
 
 @router.get("/v1/videos", response_model=JobList, summary="List jobs, newest first", responses=errors(422, 503))
@@ -253,7 +252,8 @@ def get_video(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantD
     summary="Cancel a job",
     description=(
         "A queued job becomes `canceled` at once and never runs. A running job becomes `canceling`; the worker "
-        "stops between denoising steps and marks it `canceled`. A finished job answers 409."
+        "stops between denoising steps and marks it `canceled`. Cancelling a job that is already canceling or "
+        "canceled answers it unchanged (safe to retry); a succeeded or failed job answers 409."
     ),
     responses=errors(404, 409, 422, 503),
 )
@@ -261,20 +261,15 @@ def cancel_video(
     job_id: JobId,
     settings: SettingsDep,
     r: RedisDep,
-    queue: QueueDep,
     tenant: TenantDep,
     request_id: RequestIdDep,
 ) -> VideoJob:
     load(r, job_id, settings, tenant)
-    record = jobstore.request_cancel(r, job_id, prefix=settings.key_prefix)
-    if record.status == JobStatus.canceled:
-        try:  # drop the RQ entry so no worker ever picks it up (the worker also skips canceled jobs)
-            Job.fetch(job_id, connection=queue.connection).delete(remove_from_queue=True)
-        except NoSuchJobError:
-            pass
-        webhooks.notify(r, record, "video.canceled", prefix=settings.key_prefix)
-    event = "job.canceled" if record.status == JobStatus.canceled else "job.cancel_requested"
-    audit(event, record, outcome=record.status.value, request_id=request_id)
+    actor = f"api:{request_id or secrets.token_hex(8)}"
+    record, changed = jobstore.request_cancel(r, job_id, prefix=settings.key_prefix, actor=actor)
+    if changed:  # a repeated cancel answers the same, but is audited (and notified) once
+        event = "job.canceled" if record.status == JobStatus.canceled else "job.cancel_requested"
+        audit(event, record, outcome=record.status.value, request_id=request_id)
     return present(record, settings)
 
 
