@@ -2,6 +2,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# checkov (security scan of deploy/k8s in tests/deploy) pins old boto3/networkx/packaging: a venv of its own.
+CHECKOV := build/tools/checkov/bin/checkov
 BORA_DATA_DIR ?= ./data
 BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
 # The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
@@ -18,13 +20,17 @@ $(BIN)/bora: pyproject.toml
 
 install: $(BIN)/bora
 
+$(CHECKOV):
+	$(PYTHON) -m venv build/tools/checkov
+	build/tools/checkov/bin/pip install -q checkov==3.3.30
+
 tiny: install
 	@test -f $(BORA_MODEL_DIR)/model_index.json || $(BIN)/bora make-tiny $(BORA_MODEL_DIR)
 
 run: tiny
 	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_DIR=$(BORA_MODEL_DIR) BORA_AUTH=$(BORA_AUTH) $(BIN)/bora serve
 
-test: install
+test: install $(CHECKOV)
 	$(BIN)/python -m pytest -q
 
 lint: install
