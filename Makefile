@@ -9,7 +9,7 @@ BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
 # The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
 BORA_AUTH ?= disabled
 
-.PHONY: install run test tiny lint bench
+.PHONY: install run test test-images tiny lint bench
 
 $(BIN)/bora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ run: tiny
 
 test: install $(CHECKOV)
 	$(BIN)/python -m pytest -q
+
+# Images built and the compose stack run in containers (podman; CI runs it as a stage of its own). Makes the
+# stand-in base images once (cached), builds and removes ~1 GB of images per run. tests/deploy/images/.
+test-images: install
+	PYTHON=$(PYTHON) VENV=$(VENV) bash tests/deploy/images/prepare.sh
+	$(BIN)/python -m pytest -q -s -m images tests/deploy/test_deploy_containers.py
 
 lint: install
 	$(BIN)/ruff check model service worker tests bench
