@@ -2,12 +2,14 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# checkov (security scan of deploy/k8s in tests/deploy) pins old boto3/networkx/packaging: a venv of its own.
+CHECKOV := build/tools/checkov/bin/checkov
 BORA_DATA_DIR ?= ./data
 BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
 # The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
 BORA_AUTH ?= disabled
 
-.PHONY: install run test test-kernels tiny lint bench
+.PHONY: install run test test-kernels test-images tiny lint bench
 
 $(BIN)/bora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +20,17 @@ $(BIN)/bora: pyproject.toml
 
 install: $(BIN)/bora
 
+$(CHECKOV):
+	$(PYTHON) -m venv build/tools/checkov
+	build/tools/checkov/bin/pip install -q checkov==3.3.30
+
 tiny: install
 	@test -f $(BORA_MODEL_DIR)/model_index.json || $(BIN)/bora make-tiny $(BORA_MODEL_DIR)
 
 run: tiny
 	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_DIR=$(BORA_MODEL_DIR) BORA_AUTH=$(BORA_AUTH) $(BIN)/bora serve
 
-test: install
+test: install $(CHECKOV)
 	$(BIN)/python -m pytest -q
 
 # The reference vectors were made on another CPU: rerun their comparisons on torch's AVX2 and portable kernels.
@@ -33,6 +39,12 @@ test-kernels: install
 	  echo "== reference tests with ATEN_CPU_CAPABILITY=$$cap"; \
 	  ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m reference tests/model || exit 1; \
 	done
+
+# Images built and the compose stack run in containers (podman; CI runs it as a stage of its own). Makes the
+# stand-in base images once (cached), builds and removes ~1 GB of images per run. tests/deploy/images/.
+test-images: install
+	PYTHON=$(PYTHON) VENV=$(VENV) bash tests/deploy/images/prepare.sh
+	$(BIN)/python -m pytest -q -s -m images tests/deploy/test_deploy_containers.py
 
 lint: install
 	$(BIN)/ruff check model service worker bora_client tests bench
