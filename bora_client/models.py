@@ -123,6 +123,7 @@ class Job(_Model):
     timings: Timings | None = None
     error: JobError | None = None
     webhook: Webhook | None = None
+    timeout_seconds: int | None = None  # the run-time limit; past it the job fails `timeout`
     version: int = 0
 
     @property
