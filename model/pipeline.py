@@ -241,7 +241,7 @@ class BoraPipeline:
             def step_callback(step_index: int, total: int, timestep: int) -> None:
                 callback_on_step_end(self, step_index, timestep, total)
         latents = scheduler.sample(
-            self._model_fn, latents, y, y_null, mask, generators,
+            self.transformer, latents, y, y_null, mask, generators,
             callback=step_callback, should_cancel=should_cancel,
         )
 
@@ -251,11 +251,6 @@ class BoraPipeline:
             frames=frames, seeds=seeds,
             token_counts=[count for count, _ in token_info], truncated=[cut for _, cut in token_info],
         )
-
-    def _model_fn(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
-        """The sampler keeps latents in fp32; the transformer runs in the pipeline dtype and returns fp32."""
-        return self.transformer(x.to(self.dtype), timestep, y, mask)
 
     def _generators(self, n: int, generator, seed) -> tuple[torch.Generator | list[torch.Generator],
                                                                 list[int | None]]:

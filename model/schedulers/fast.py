@@ -25,6 +25,7 @@ from model.schedulers.iddpm import (
     check_cancel,
     finish_step,
     guided_output,
+    prepare_caption,
     validate_guidance,
     validate_steps,
 )
@@ -79,6 +80,7 @@ class FastSampler:
         y = torch.cat([y_cond, y_null], dim=0).to(device)  # [2n,1,L,Cy]
         if mask is not None:
             mask = mask.to(device)
+        y, mask = prepare_caption(model, y, mask)
         x = z.float() * scheduler.init_noise_sigma
         total = len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps.tolist()):
