@@ -84,12 +84,17 @@ class STDiTBlock(nn.Module):
         t0: torch.Tensor,
         num_frames: int,
         tpe: torch.Tensor | None = None,
+        guidance_pairs: bool = False,
     ) -> torch.Tensor:
-        """x [B, T*S, D]; caption: this block's prepared keys/values; t0 [B, 6D]; tpe [1, T, D] (block 0)."""
+        """x [B, T*S, D]; caption: this block's prepared keys/values; t0 [B, 6D]; tpe [1, T, D] (block 0).
+
+        guidance_pairs: x and t0 hold one row per guidance pair (n rows for a 2n-row caption); both halves of
+        a pair have the same input, so the self-attentions run once and the rows are doubled before the
+        cross-attention, the first place where the halves differ. Returns [2n, T*S, D] then.
+        """
         batch, num_tokens, dim = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t0.reshape(batch, 6, -1)  # [B, 6, D]
-        ).chunk(6, dim=1)  # each [B, 1, D]
+        modulation = (self.scale_shift_table[None] + t0.reshape(batch, 6, -1))  # [B, 6, D]
+        shift_msa, scale_msa, gate_msa, _, _, _ = modulation.chunk(6, dim=1)  # each [B, 1, D]
 
         # spatial attention: over the S tokens of each frame
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # [B, T*S, D]
@@ -98,6 +103,9 @@ class STDiTBlock(nn.Module):
 
         # temporal attention: over the T tokens of each spatial site; raw residual input, same gate_msa
         x = self._gated_residual(x, gate_msa, self.attn_temp.temporal(x, num_frames, tpe))
+        if guidance_pairs:
+            x, modulation = torch.cat([x, x]), torch.cat([modulation, modulation])  # [2n, T*S, D], [2n, 6, D]
+        _, _, _, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
 
         # cross-attention to the caption: no norm, no modulation, no gate
         x = x + self.cross_attn(x, caption)
@@ -262,7 +270,10 @@ class STDiT(ModelMixin, ConfigMixin):
             x: latent video [B, C, T, H, W]; T, H, W divisible by `patch_size`.
             timestep: diffusion timesteps [B] (any numeric dtype).
             y: caption embeddings [B, 1, L, Cy], or the `CaptionCondition` that `prepare_condition` made
-                from them (then `mask` was given there).
+                from them (then `mask` was given there). A condition of 2B rows with B latents means
+                guidance pairs: caption rows b and b+B both see latent b and timestep b (upstream's
+                `cat([x, x])`), and the output has 2B rows; the self-attentions of block 0, which see
+                only the shared input, run once per pair.
             mask: caption mask [B', L] with 0/1 values (or None = all tokens kept). When B' < B the mask
                 is repeated along the batch (upstream's `mask.repeat`, README item 8).
 
@@ -278,8 +289,10 @@ class STDiT(ModelMixin, ConfigMixin):
             caption = y
         else:
             caption = self.prepare_condition(y, mask)
-        if caption.batch != batch:
+        guidance_pairs = caption.batch == 2 * batch  # rows b and b+n of the caption share latent b
+        if caption.batch != batch and not guidance_pairs:
             raise InvalidInput(f"caption condition for a batch of {caption.batch}, latents for {batch}")
+        timestep = timestep[:batch]  # with guidance pairs, both halves of a pair share the timestep
         grid = self._patch_grid(x.shape)
         num_frames, grid_h, grid_w = grid
         num_spatial = grid_h * grid_w
@@ -294,8 +307,12 @@ class STDiT(ModelMixin, ConfigMixin):
         t0 = self.t_block(t)  # [B, 6D]
 
         for i, block in enumerate(self.blocks):
-            tpe = pos_embed_temporal if i == 0 else None
-            x = block(x, caption.blocks[i], t0, num_frames, tpe)  # [B, N, D]
+            if i == 0:
+                x = block(x, caption.blocks[0], t0, num_frames, pos_embed_temporal, guidance_pairs)  # [B', N, D]
+                if guidance_pairs:
+                    t, t0 = torch.cat([t, t]), torch.cat([t0, t0])  # [2n, D], [2n, 6D]
+            else:
+                x = block(x, caption.blocks[i], t0, num_frames)  # [B', N, D]
 
         x = self.final_layer(x, t)  # [B, N, pt*ph*pw*C_out]
         x = self.unpatchify(x, grid)  # [B, C_out, T, H, W]

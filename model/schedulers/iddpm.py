@@ -106,7 +106,8 @@ def guided_output(
     half of the state is never fed back to the model, so only the first half is kept).
     """
     n = x.shape[0]
-    combined = torch.cat([x, x], dim=0)  # [2n,C,T,H,W]
+    # a prepared STDiT condition for 2n rows takes the n shared latents itself (see STDiT.forward)
+    combined = x if getattr(y, "batch", None) == 2 * n else torch.cat([x, x], dim=0)  # [2n,C,T,H,W]
     if mask is not None and mask.shape[0] == n:
         mask = mask.repeat(2, 1)  # [2n,L]: null row j keeps prompt j's positions (README 8), bitwise as upstream
     out = model(combined, t, y, mask=mask, **(model_kwargs or {}))
