@@ -247,6 +247,20 @@ class MultiHeadCrossAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
+_FREQUENCIES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def timestep_frequencies(half: int, max_period: int, device: torch.device) -> torch.Tensor:
+    """`f_k = exp(-ln(max_period)·k/half)` [half] fp32 on `device`. Built on the CPU and then moved, as upstream
+    does, so every device sees the same values; cached per device, so a step copies nothing from the host
+    (which a captured CUDA graph could not replay)."""
+    key = (half, max_period, device)
+    if key not in _FREQUENCIES:
+        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+        _FREQUENCIES[key] = freqs.to(device)
+    return _FREQUENCIES[key]
+
+
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> [B, D] through 256 sinusoids and an MLP (README item 4)."""
 
@@ -263,9 +277,7 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
         """GLIDE sinusoids `[cos(t·f_k), sin(t·f_k)]`, `f_k = exp(-ln(max_period)·k/half)`, always fp32."""
         half = dim // 2
-        # Built on the CPU and then moved, as upstream does, so every device sees the same fp32 values.
-        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
-        freqs = freqs.to(device=t.device)  # [half]
+        freqs = timestep_frequencies(half, max_period, t.device)  # [half]
         args = t[:, None].float() * freqs[None]  # [B, half]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2*half]
         if dim % 2:

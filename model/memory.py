@@ -3,9 +3,9 @@ activation sizes, and where each part should live on a device of a given size (`
 
 Weights are counted exactly by building each architecture on the `meta` device (no memory, no download).
 Peak activations of inference (no autograd) are estimated from the largest tensors alive at once:
-- STDiT: per block the residual x and its modulated copy, then the MLP's fc1 and GELU outputs (4D each)
-  or the qkv product (3D) plus the attention output; SDPA / flash kernels do not keep the L×L scores.
-  `TRANSFORMER_ACTIVATION_WIDTHS` = 10 token-widths of D, plus the prepared caption condition.
+- STDiT: at the MLP of a block the residual x, the LayerNorm and modulated copies and the fc1 and GELU
+  outputs (4D each) are alive: `TRANSFORMER_ACTIVATION_WIDTHS` = 11 token-widths of D, plus the prepared
+  caption condition, plus the spatial attention scores where the backend materialises them (CPU).
 - VAE decode (frame-wise, `VideoVAE.micro_batch_size` frames per call): the full-resolution up block,
   where a 256-channel H×W input, its GroupNorm and SiLU outputs and the 128-channel conv outputs are alive:
   `VAE_ACTIVATION_MAPS` = 6 maps of 256×H×W per frame.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TRANSFORMER_ACTIVATION_WIDTHS = 10
+TRANSFORMER_ACTIVATION_WIDTHS = 11
 VAE_ACTIVATION_MAPS = 6
 VAE_FULL_RES_CHANNELS = 256
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context, cuBLAS/cuDNN workspaces: not visible to torch's allocator
@@ -77,8 +77,11 @@ class StageMemory:
 
 
 def transformer_memory(config: dict, batch: int, latent: tuple[int, int, int], dtype: torch.dtype,
-                       caption_tokens: int = 120) -> StageMemory:
-    """STDiT at `batch` rows (2 per prompt with guidance) on a latent (T, h, w)."""
+                       caption_tokens: int = 120, materialized_scores: bool = False) -> StageMemory:
+    """STDiT at `batch` rows (2 per prompt with guidance) on a latent (T, h, w).
+
+    materialized_scores: the attention backend keeps the spatial B·T·H·S×S scores (CPU SDPA on strided
+    inputs does); flash / memory-efficient CUDA kernels do not."""
     size = dtype_bytes(dtype)
     patch = config.get("patch_size", (1, 2, 2))
     hidden = config.get("hidden_size", 1152)
@@ -86,7 +89,12 @@ def transformer_memory(config: dict, batch: int, latent: tuple[int, int, int], d
     for extent, p in zip(latent, patch, strict=True):
         tokens *= extent // p
     condition = config.get("depth", 28) * batch * caption_tokens * 2 * hidden  # K and V per block (or folded)
-    activations = (TRANSFORMER_ACTIVATION_WIDTHS * batch * tokens * hidden + condition) * size
+    activations = TRANSFORMER_ACTIVATION_WIDTHS * batch * tokens * hidden + condition
+    if materialized_scores:
+        frames = latent[0] // patch[0]
+        spatial = tokens // frames
+        activations += batch * frames * config.get("num_heads", 16) * spatial * spatial
+    activations *= size
     return StageMemory("transformer", stdit_parameters(config) * size, activations)
 
 

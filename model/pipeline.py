@@ -73,6 +73,7 @@ class BoraPipeline:
         self.weights_sha256 = weights_sha256
         # The null caption for guidance is the model's learned `y_embedding` (upstream `null(n)`).
         self.text_encoder.set_null(transformer.y_embedder.y_embedding)
+        self.denoiser = transformer  # what the sampler calls each step (see `accelerate`)
 
     @property
     def device(self) -> torch.device:
@@ -95,6 +96,20 @@ class BoraPipeline:
             "samplers": sorted(SAMPLERS),
             "max_tokens": self.text_encoder.model_max_length,
         }
+
+    def accelerate(self, compile: bool = False, cuda_graphs: bool = False) -> None:
+        """Choose how each denoising step runs: eager (default), `torch.compile` (the first video per shape
+        pays the compile), or replayed CUDA graphs per fixed shape (CUDA only). Same maths either way."""
+        if compile and cuda_graphs:
+            raise InvalidInput("choose torch.compile or CUDA graphs, not both")
+        if cuda_graphs:
+            from model.cuda_graphs import CUDAGraphSTDiT
+
+            self.denoiser = CUDAGraphSTDiT(self.transformer)
+        elif compile:
+            self.denoiser = torch.compile(self.transformer, dynamic=False)
+        else:
+            self.denoiser = self.transformer
 
     # -- persistence ------------------------------------------------------------------------------------
 
@@ -241,7 +256,7 @@ class BoraPipeline:
             def step_callback(step_index: int, total: int, timestep: int) -> None:
                 callback_on_step_end(self, step_index, timestep, total)
         latents = scheduler.sample(
-            self.transformer, latents, y, y_null, mask, generators,
+            self.denoiser, latents, y, y_null, mask, generators,
             callback=step_callback, should_cancel=should_cancel,
         )
 

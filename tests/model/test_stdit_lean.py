@@ -84,3 +84,13 @@ def test_caption_work_runs_once_per_sampling_run(model, vectors):
     finally:
         handle.remove()
     assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_forward_on_a_prepared_condition_compiles_without_graph_breaks(model, vectors):
+    """`torch.compile` traces the whole step as one graph (dynamo only; no inductor build here)."""
+    with torch.no_grad():
+        condition = model.prepare_condition(vectors["y"], vectors["mask"])  # two caption-length groups
+        explanation = torch._dynamo.explain(model)(vectors["x"], vectors["timestep"], condition)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
