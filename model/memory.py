@@ -125,7 +125,7 @@ class MemoryPlan:
 
 def plan(device_bytes: int, stdit_config: dict, num_frames: int, height: int, width: int, prompts: int = 1,
          dtype: torch.dtype = torch.float16, text_encoder_dtype: torch.dtype = torch.float32,
-         vae_frames_per_call: int = 4, vae_factor: int = 8) -> MemoryPlan:
+         vae_frames_per_call: int = 4, vae_factor: int = 8, t5_config: dict | None = None) -> MemoryPlan:
     """Where the parts of one batch of `prompts` videos (with guidance) go on a device of `device_bytes`.
 
     The DiT and the VAE stay resident (the worker keeps them loaded); T5 goes on the device only if it fits
@@ -135,7 +135,8 @@ def plan(device_bytes: int, stdit_config: dict, num_frames: int, height: int, wi
     latent = (num_frames, height // vae_factor, width // vae_factor)
     dit = transformer_memory(stdit_config, 2 * prompts, latent, dtype)
     vae = vae_decode_memory(dtype, height, width, vae_frames_per_call)
-    t5 = text_encoder_memory(text_encoder_dtype, batch=prompts)
+    t5 = text_encoder_memory(text_encoder_dtype, batch=prompts,
+                             config=dict(T5_XXL, **t5_config) if t5_config else T5_XXL)
     budget = int(device_bytes * HEADROOM) - CUDA_CONTEXT_BYTES
     resident = dit.weights + vae.weights
     worst_activation = max(dit.activations, vae.activations)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,10 @@ from model.stdit import STDiT
 from model.text_encoder import T5TextEncoder
 from model.vae import VideoVAE
 
+logger = logging.getLogger(__name__)
+
 MODEL_INDEX = "model_index.json"
+T5_SHAPE_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 MAX_FRAMES = 128
 MAX_SIDE = 1024
@@ -53,6 +57,25 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _auto_text_encoder_device(path: Path, device: torch.device, defaults: GenerationDefaults,
+                              text_encoder_dtype: torch.dtype) -> torch.device:
+    """The transformer's device, unless it is a CUDA device on which T5 does not fit (then the CPU)."""
+    if device.type != "cuda":
+        return device
+    from model.memory import plan
+
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    t5_config = json.loads((path / "text_encoder" / "config.json").read_text())
+    result = plan(torch.cuda.get_device_properties(device).total_memory,
+                  {k: v for k, v in config.items() if not k.startswith("_")},
+                  defaults.num_frames, defaults.height, defaults.width, text_encoder_dtype=text_encoder_dtype,
+                  t5_config={k: t5_config[k] for k in T5_SHAPE_KEYS if k in t5_config})
+    if result.text_encoder_on_device:
+        return device
+    logger.info("text encoder placed on the CPU: %s", "; ".join(result.advice))
+    return torch.device("cpu")
 
 
 class BoraPipeline:
@@ -123,7 +146,9 @@ class BoraPipeline:
         text_encoder_dtype: torch.dtype = torch.float32,
     ) -> BoraPipeline:
         """Load a pipeline folder. T5 may stay on the CPU (`text_encoder_device="cpu"`): T5-XXL is ~19 GB in
-        fp32 and overflows in fp16, so only its embeddings are moved to the transformer's device."""
+        fp32 and overflows in fp16, so only its embeddings are moved to the transformer's device. The default
+        (None or "auto") puts T5 on a CUDA device only when `model.memory.plan` says it fits there next to the
+        DiT and VAE at the folder's default shape, else on the CPU."""
         path = Path(path)
         index_file = path / MODEL_INDEX
         if not index_file.is_file():
@@ -131,7 +156,11 @@ class BoraPipeline:
         index = json.loads(index_file.read_text())
         device = torch.device(device) if device is not None else default_device()
         dtype = torch_dtype or default_dtype(device)
-        text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else device
+        scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
+        defaults = GenerationDefaults(**scheduler["defaults"])
+        if text_encoder_device in (None, "auto"):
+            text_encoder_device = _auto_text_encoder_device(path, device, defaults, text_encoder_dtype)
+        text_encoder_device = torch.device(text_encoder_device)
 
         weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
         transformer = load_stdit(path / "transformer", device=device, dtype=dtype)
@@ -140,8 +169,6 @@ class BoraPipeline:
             output_device=device, output_dtype=dtype,
         )
         vae = VideoVAE.from_pretrained(path / "vae", device=device, dtype=dtype)
-        scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
-        defaults = GenerationDefaults(**scheduler["defaults"])
         return cls(transformer, text_encoder, vae, defaults, name=index.get("name", "bora"),
                    weights_sha256=file_sha256(weights))
 
