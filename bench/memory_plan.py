@@ -1,7 +1,7 @@
 """Peak memory per stage (T5 encode, STDiT forward, VAE decode), measured, next to `model.memory`'s estimate.
 
-CPU: the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs before each stage)
-minus what was resident before; CUDA: torch.cuda.max_memory_allocated minus allocated before. Weights and
+CPU: the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs before each stage,
+after malloc_trim returned freed heap pages) minus what was resident before; CUDA: torch.cuda.max_memory_allocated minus allocated before. Weights and
 inputs exist before the measurement starts, so the figure is the stage's working memory ("activations").
 Random weights, built offline. `--small` (the default on CPU) uses shapes a loaded 2-core machine runs in
 seconds; the estimate's formulas are the ones `bora doctor` applies at full scale.
@@ -12,6 +12,7 @@ seconds; the estimate's formulas are the ones `bora doctor` applies at full scal
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import re
 from pathlib import Path
@@ -41,6 +42,7 @@ def measure_peak(fn, device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so reuse shows up in RSS again
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _rss_field("VmRSS")
     fn()
