@@ -20,6 +20,7 @@ STAGES=(reference:30 sdpa:25 xl:90 batch:45 compile:150 t5:60 samplers:40)
 run_stage() {
   local name=$1 limit=$2 rc=0
   shift 2
+  limit=$((limit * ${LIMIT_SCALE:-1}))  # LIMIT_SCALE=10 for a dry run on a slow or loaded CPU
   timeout --kill-after=5 "$limit" "$PY" bench/gpu_bench.py --stage "$name" "$@" >"$OUT/$name.md" 2>"$OUT/$name.log" || rc=$?
   if [ "$rc" -ne 0 ]; then
     local why="exit $rc"
