@@ -7,7 +7,7 @@ BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
 # The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
 BORA_AUTH ?= disabled
 
-.PHONY: install run test tiny lint bench
+.PHONY: install run test test-kernels tiny lint bench
 
 $(BIN)/bora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,16 @@ run: tiny
 test: install
 	$(BIN)/python -m pytest -q
 
+# The reference vectors were made on another CPU: rerun their comparisons on torch's AVX2 and portable kernels.
+test-kernels: install
+	for cap in avx2 default; do \
+	  echo "== reference tests with ATEN_CPU_CAPABILITY=$$cap"; \
+	  ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m reference tests/model || exit 1; \
+	done
+
 lint: install
-	$(BIN)/ruff check model service worker tests bench
-	$(BIN)/mypy service worker
+	$(BIN)/ruff check model service worker bora_client tests bench
+	$(BIN)/mypy service worker bora_client
 
 bench: tiny
 	$(BIN)/python bench/stdit_speed.py

@@ -38,8 +38,8 @@ def bare_app():  # uvicorn --factory bench.service_submit:bare_app
     from fastapi.responses import JSONResponse
     from rq import Queue
 
-    from service.config import get_settings
-    from service.connection import connect
+    from service.jobs.config import get_settings
+    from service.jobs.connection import connect
 
     settings = get_settings()
     queue = Queue(settings.queue_name, connection=connect(settings))

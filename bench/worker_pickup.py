@@ -40,7 +40,7 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from service import jobstore
+from service.jobs import jobstore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BODY = {"prompt": "a beating heart, echocardiography", "num_frames": 4, "height": 32, "width": 32, "fps": 8,

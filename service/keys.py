@@ -10,24 +10,31 @@ depth. A slow KDF would instead cost every API request tens of milliseconds of C
 per key, so the count can change without invalidating old keys. Successful checks are cached in memory
 (keyed by an HMAC of the presented key under a per-process random key), so a busy client costs one hash.
 
-The file is rewritten atomically (temp file + `os.replace`) with mode 0600; the API's `KeyStore` re-reads it
-when its mtime changes, so `bora keys create/revoke` takes effect without a restart.
+The file is rewritten atomically (temp file + `os.replace`) with mode 0600, and every read-modify-write holds an
+exclusive `flock` on a lock file beside it, so concurrent `bora keys create/revoke` never lose a key or undo a
+revocation. A file that other users can read, or that does not parse, is refused with `KeyFileError`: at API
+start-up that stops the process with the reason; later, the API keeps the last good keys and logs the error.
+The API's `KeyStore` re-reads the file when it changes, so `bora keys create/revoke` take effect without a restart.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import tempfile
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -36,6 +43,12 @@ ITERATIONS = 10_000
 # Tenants end up inside Redis keys (`P:tenant:{t}:jobs`, `P:idem:{t}:...`): keep them boring.
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CACHE_LIMIT = 1024
+_FIELDS = {"key_id", "tenant", "salt", "hash", "iterations", "created_at", "revoked"}
+log = logging.getLogger(__name__)
+
+
+class KeyFileError(Exception):
+    """The key file can't be trusted: readable by other users, or not a key file."""
 
 
 def _b64(raw: bytes) -> str:
@@ -55,11 +68,34 @@ def _split(presented: str) -> tuple[str, str] | None:
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
+    """The key records; [] when the file does not exist yet."""
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text())
+        mode = os.stat(path).st_mode
+        text = path.read_text()
     except FileNotFoundError:
         return []
-    return list(data.get("keys", []))
+    if mode & 0o077:
+        raise KeyFileError(f"{path} is readable by other users (mode {oct(mode & 0o777)}): run chmod 600 {path}")
+    try:
+        records = json.loads(text)["keys"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise KeyFileError(f"{path} is not a valid key file ({type(error).__name__}: {error})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and _FIELDS <= r.keys() for r in records):
+        raise KeyFileError(f"{path} is not a valid key file (every key needs {', '.join(sorted(_FIELDS))})")
+    return records
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of the key file (a lock file, as the file is replaced)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write(path: Path, records: list[dict[str, Any]]) -> None:
@@ -83,25 +119,28 @@ def create_key(path: Path, tenant: str) -> str:
     """Store a new key for `tenant` and return it in plaintext — the only time it exists outside a client."""
     if not TENANT_RE.match(tenant):
         raise ValueError(f"tenant {tenant!r} must match {TENANT_RE.pattern}")
-    records = _read(path)
-    taken = {r["key_id"] for r in records}
-    key_id = secrets.token_hex(6)
-    while key_id in taken:
-        key_id = secrets.token_hex(6)
+    path = Path(path)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
-    records.append(
-        {
-            "key_id": key_id,
-            "tenant": tenant,
-            "salt": _b64(salt),
-            "hash": _b64(_hash(secret, salt, ITERATIONS)),
-            "iterations": ITERATIONS,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "revoked": False,
-        }
-    )
-    _write(path, records)
+    digest = _hash(secret, salt, ITERATIONS)  # before taking the lock: nobody waits for our hashing
+    with _exclusive(path):
+        records = _read(path)
+        taken = {r["key_id"] for r in records}
+        key_id = secrets.token_hex(6)
+        while key_id in taken:
+            key_id = secrets.token_hex(6)
+        records.append(
+            {
+                "key_id": key_id,
+                "tenant": tenant,
+                "salt": _b64(salt),
+                "hash": _b64(digest),
+                "iterations": ITERATIONS,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "revoked": False,
+            }
+        )
+        _write(path, records)
     return f"{KEY_PREFIX}_{key_id}_{secret}"
 
 
@@ -114,17 +153,20 @@ def list_keys(path: Path) -> list[dict[str, Any]]:
 
 def revoke_key(path: Path, key_id: str) -> bool:
     """Mark a key revoked (kept for the audit trail). False when no such key."""
-    records = _read(path)
-    for record in records:
-        if record["key_id"] == key_id:
-            record["revoked"] = True
-            _write(path, records)
-            return True
+    path = Path(path)
+    with _exclusive(path):
+        records = _read(path)
+        for record in records:
+            if record["key_id"] == key_id:
+                record["revoked"] = True
+                _write(path, records)
+                return True
     return False
 
 
 class KeyStore:
-    """The API's view of the key file: loaded once, re-read when the file's mtime/size/inode change."""
+    """The API's view of the key file: loaded at start-up (a bad file raises `KeyFileError` there), re-read when
+    the file's mtime/size/inode change; a bad file after start-up keeps the last good keys and logs why."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -134,8 +176,9 @@ class KeyStore:
         self._verified: dict[bytes, str] = {}  # HMAC(process key, presented) -> key_id
         self._cache_key = secrets.token_bytes(32)
         self._dummy_salt = secrets.token_bytes(16)
+        self._refresh(at_startup=True)
 
-    def _refresh(self) -> None:
+    def _refresh(self, at_startup: bool = False) -> None:
         try:
             st = os.stat(self.path)
             stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -144,7 +187,14 @@ class KeyStore:
         if stamp == self._stamp:
             return
         with self._lock:
-            records = {r["key_id"]: r for r in _read(self.path)} if stamp else {}
+            try:
+                records = {r["key_id"]: r for r in _read(self.path)} if stamp else {}
+            except KeyFileError as error:
+                if at_startup:
+                    raise
+                log.error("key file refused, keeping the last good keys: %s", error)
+                self._stamp = stamp  # logged once per change of the file
+                return
             self._records, self._verified, self._stamp = records, {}, stamp
 
     def authenticate(self, presented: str) -> str | None:
@@ -185,9 +235,14 @@ def _keys_file(file: Path | None) -> Path:
     """The file given, else the one the API reads (its settings, so the two can never disagree)."""
     if file is not None:
         return file
-    from service.config import Settings
+    from service.jobs.config import Settings
 
     return Settings().api_keys_file  # type: ignore[return-value]  # derived, never None
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 @keys_app.command("create")
@@ -199,6 +254,8 @@ def create_command(
     file = _keys_file(file)
     try:
         key = create_key(file, tenant)
+    except KeyFileError as error:
+        _fail(str(error))
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--tenant") from error
     key_id = key.split("_", 2)[1]
@@ -210,7 +267,13 @@ def create_command(
 def list_command(file: KeysFile = None) -> None:
     """List keys: id, tenant, created, status. Secrets are never stored, so never shown."""
     file = _keys_file(file)
-    for key in list_keys(file):
+    try:
+        keys = list_keys(file)
+    except KeyFileError as error:
+        _fail(str(error))
+    if not keys:
+        typer.echo(f"no keys in {file}; create one with: bora keys create --tenant NAME", err=True)
+    for key in keys:
         status = "revoked" if key["revoked"] else "active"
         typer.echo(f"{key['key_id']}\t{key['tenant']}\t{key['created_at']}\t{status}")
 
@@ -219,7 +282,11 @@ def list_command(file: KeysFile = None) -> None:
 def revoke_command(key_id: Annotated[str, typer.Argument()], file: KeysFile = None) -> None:
     """Revoke a key by id; the API stops accepting it at its next request."""
     file = _keys_file(file)
-    if not revoke_key(file, key_id):
+    try:
+        revoked = revoke_key(file, key_id)
+    except KeyFileError as error:
+        _fail(str(error))
+    if not revoked:
         typer.echo(f"no key {key_id} in {file}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")

@@ -1,70 +1,13 @@
-"""The FastAPI app. `uvicorn service.main:app` builds it from BORA_* settings on first access."""
+"""The API process: `uvicorn service.main:app` builds the app (service/api/app.py) from BORA_* settings."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from rq import Queue
 
-from service import auth, handlers, logs, reaper
-from service.admission import Admission
-from service.config import Settings, get_settings
-from service.connection import connect
-from service.keys import KeyStore
-from service.metrics import ApiMetrics, MetricsMiddleware
-from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from service.models import MODELS
-from service.routes import events, health, videos, webhooks
-from service.storage import make_storage
-
-DESCRIPTION = """Text-to-video for biomedical prompts. Submit a job (`POST /v1/videos`, answered 202 at once),
-poll `GET /v1/videos/{id}` until `status` is terminal, then fetch `GET /v1/videos/{id}/content`.
-Every error is JSON: `{"error": {"type", "code", "message", "param"}}`. Videos are synthetic, AI-generated."""
-
-
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
-    redis = connect(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logs.configure_api()  # JSON lines, like the worker's, for the API's own loggers
-        # Jobs of dead workers are recovered even while no worker runs (each worker runs a reaper too).
-        stop_reaper = threading.Event()
-        if settings.reaper_in_api:
-            reaper.start(redis, settings, stop_reaper, storage=app.state.storage)
-        yield
-        stop_reaper.set()
-        redis.close()
-
-    app = FastAPI(title="Bora video API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.redis = redis
-    app.state.queue = Queue(settings.queue_name, connection=redis, default_timeout=settings.job_timeout_seconds)
-    app.state.storage = make_storage(settings)
-    app.state.model_spec = MODELS[settings.model_preset]
-    app.state.keys = KeyStore(settings.api_keys_file)  # type: ignore[arg-type]  # derived, never None
-    app.state.admission = Admission(redis, settings)
-    app.state.metrics = ApiMetrics(
-        redis, prefix=settings.key_prefix, heartbeat_ttl_seconds=settings.heartbeat_ttl_seconds
-    )
-    app.include_router(videos.router)
-    app.include_router(events.router)
-    app.include_router(webhooks.router)
-    app.include_router(health.router)
-    handlers.install(app)
-    auth.document(app, settings)
-    # Added last = outermost: metrics see every answer, including 413s from the body cap.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(auth.AuthMiddleware, settings=settings, keys=app.state.keys)  # 401 before the body is read
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    return app
-
+from service.api.app import create_app
+from service.keys import KeyFileError
 
 _app: FastAPI | None = None
 
@@ -74,6 +17,9 @@ def __getattr__(name: str) -> Any:
     global _app
     if name == "app":
         if _app is None:
-            _app = create_app()
+            try:
+                _app = create_app()
+            except KeyFileError as error:  # a start-up refusal with its reason, not a traceback
+                raise SystemExit(f"bora API: {error}") from None
         return _app
     raise AttributeError(name)

@@ -1,10 +1,10 @@
 """`python -m service.webhook_sender`: deliver signed webhooks from the `{prefix}-webhooks` queue.
 
 Job state changes (worker/lifecycle.py, and the API for a cancel while queued) enqueue
-`send_webhook(...)` there via service.webhooks.enqueue_event. This process runs those tasks in an RQ
+`send_webhook(...)` there via service.jobs.webhooks.enqueue_event. This process runs those tasks in an RQ
 `SimpleWorker` with RQ's scheduler, so a failed attempt re-enqueued with `enqueue_in` (the backoff) fires
 when due. It is separate from the GPU worker so a slow or dead receiver never holds a GPU; torch-free, it
-runs from the API image (compose service `webhooks`). One attempt = service.webhooks.deliver_attempt (allowlist check,
+runs from the API image (compose service `webhooks`). One attempt = service.jobs.webhooks.deliver_attempt (allowlist check,
 signed POST without redirects, attempt recorded where the API shows it, retry scheduled on failure).
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 from redis import Redis
 from rq import Queue, SimpleWorker, get_current_job
 
-from service import logs, webhooks
-from service.config import Settings, get_settings
-from service.connection import connect
+from service.jobs import logs, webhooks
+from service.jobs.config import Settings, get_settings
+from service.jobs.connection import connect
 
 logger = logging.getLogger(__name__)
 

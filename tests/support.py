@@ -117,20 +117,21 @@ def moto_s3() -> Iterator[str]:
         server.stop()
 
 
-def redis_or_skip(url: str, **kwargs: Any) -> Redis:
-    """A client of the machine's Redis at `url`; the test is skipped when none answers."""
+def require_redis(url: str, **kwargs: Any) -> Redis:
+    """A client of the machine's Redis at `url`. None answering FAILS the test: a machine without the Redis
+    the suite needs is broken, and a run of skips would pass it as green."""
     r = Redis.from_url(url, **kwargs)
     try:
         r.ping()
-    except Exception as exc:  # pragma: no cover - environment problem, not a test failure
-        pytest.skip(f"no Redis at {url}: {exc}")
+    except Exception as exc:  # pragma: no cover - environment problem, reported as a failure
+        pytest.fail(f"no Redis at {url} ({exc}); start one: redis-server --port 6379 --save ''", pytrace=False)
     return r
 
 
 def scratch_redis(name: str) -> Iterator[tuple[Redis, str]]:
     """For a fixture to `yield from`: (client of DB 14, a fresh key prefix `name-xxxxxxxx`); afterwards every
     key of the prefix, RQ's included, is deleted."""
-    client = redis_or_skip(SCRATCH_REDIS_URL, socket_timeout=5)
+    client = require_redis(SCRATCH_REDIS_URL, socket_timeout=5)
     prefix = f"{name}-{uuid.uuid4().hex[:8]}"
     yield client, prefix
     for pattern in (f"{prefix}:*", f"rq:*{prefix}*"):

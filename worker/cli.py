@@ -6,6 +6,7 @@ Model imports happen inside the commands so `bora serve` and `bora keys` start w
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +14,28 @@ import typer
 
 from service.keys import keys_app
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 app.add_typer(keys_app, name="keys")
+_show_tracebacks = False
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails")] = False,
+) -> None:
+    global _show_tracebacks
+    _show_tracebacks = debug
+
+
+def main() -> None:
+    """The `bora` entry point: a failing command prints one line and exits 1 (`bora --debug ...`: the traceback)."""
+    try:
+        app()
+    except Exception as error:
+        if _show_tracebacks:
+            raise
+        typer.echo(f"error: {error} ({type(error).__name__}; run `bora --debug ...` for the traceback)", err=True)
+        sys.exit(1)
 
 DEFAULT_TINY_DIR = Path("data/models/tiny")
 
@@ -105,6 +126,14 @@ def assemble(
     typer.echo(f"wrote {out}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def submit(ctx: typer.Context) -> None:
+    """Submit a job to a running service: bora submit "prompt" --wait --out video.mp4 (see --help)."""
+    from bora_client.cli import submit_main
+
+    raise typer.Exit(submit_main(ctx.args))
+
+
 @app.command()
 def doctor(
     gpu_memory: Annotated[float | None, typer.Option(
@@ -158,4 +187,4 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

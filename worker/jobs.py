@@ -11,6 +11,7 @@ record in Redis is the truth.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -18,6 +19,7 @@ import logging
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,11 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import reaper
-from service.config import Settings
-from service.errors import InvalidTransition, JobNotFound
-from service.errors import StorageError as ServiceStorageError
-from service.schemas import (
+from service.jobs import queueing, reaper
+from service.jobs.config import Settings
+from service.jobs.errors import InvalidTransition, JobExpired, JobNotFound, RunSuperseded
+from service.jobs.errors import StorageError as ServiceStorageError
+from service.jobs.schemas import (
     FileOutput,
     ImageOutput,
     JobPayload,
@@ -45,7 +47,7 @@ from service.schemas import (
     content_url,
     utcnow,
 )
-from service.storage import Storage, output_key
+from service.jobs.storage import Storage, output_key
 from worker import errors
 from worker.lifecycle import Heartbeat, JobLifecycle
 from worker.metrics import WorkerMetrics
@@ -90,6 +92,9 @@ class Runtime:
     # Jobs abandoned because Redis went away mid-job; worker/main.py re-queues them once it is back.
     lost: list[str] = field(default_factory=list)
     current_job: str | None = None
+    # Out-of-memory failures in a row; at settings.max_consecutive_ooms the worker exits non-zero (its device
+    # is in a state a restart clears: fragmentation, a leak) - worker/main.py's BoraWorker checks it.
+    consecutive_ooms: int = 0
 
 
 _runtime: Runtime | None = None
@@ -160,7 +165,9 @@ class VideoJobRun:
         self.durations: dict[str, float] = {}
         self.queue_wait_s: float | None = None
         self.interrupt_reason: str | None = None  # "cancel" | "shutdown" | "timeout"
-        self.deadline = time.monotonic() + rt.settings.job_timeout_seconds
+        self.limit_s = queueing.run_limit(rt.settings, job.timeout_seconds)
+        self.deadline = time.monotonic() + self.limit_s
+        self.life.settle_seconds = rt.settings.heartbeat_ttl_seconds
         self._stage: Stage | None = None
         self._stage_started = 0.0
         self._denoise_started = 0.0
@@ -173,7 +180,13 @@ class VideoJobRun:
     def run(self) -> dict[str, Any]:
         rt, job = self.rt, self.job
         try:
-            record = self.life.start(getattr(rt.pipeline, "weights_sha256", None))
+            record = self.life.start(
+                getattr(rt.pipeline, "weights_sha256", None),
+                deadline_seconds=queueing.run_deadline(rt.settings, job.timeout_seconds),
+            )
+        except JobExpired:
+            self.life.expire()
+            return {"job_id": job.job_id, "status": JobStatus.failed.value, "code": "expired"}
         except (InvalidTransition, JobNotFound) as exc:
             # Canceled while queued, taken by another worker, or expired: nothing to do.
             self.life.audit("job.skipped", logging.WARNING, outcome=getattr(exc, "current", "missing"))
@@ -202,7 +215,10 @@ class VideoJobRun:
                 total = time.perf_counter() - started
                 self.life.succeed(outputs, self.timings(total))
                 self._observe(total)
+                rt.consecutive_ooms = 0
                 status = JobStatus.succeeded.value
+        except RunSuperseded as exc:
+            status, code = self._stop_superseded(exc)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a job state here
             status, code = self._handle_failure(exc, time.perf_counter() - started)
         finally:
@@ -226,12 +242,13 @@ class VideoJobRun:
 
         self._close_stage()
         if isinstance(exc, REDIS_LOST):
-            # Its state cannot be written now: it stays `running`, and worker/main.py re-queues it.
-            self._delete_uploaded()
+            # Its state cannot be written now, and may even have been (a lost reply): it stays `running` under
+            # this run, and worker/main.py re-queues it once Redis is back. Uploaded objects stay: the record
+            # may point at them; the reaper deletes them if it does not.
             raise exc
         if isinstance(exc, Interrupted) and self.interrupt_reason == "timeout":
             err: errors.WorkerError = errors.Timeout(
-                f"the job ran past its limit of {self.rt.settings.job_timeout_seconds} s"
+                f"the job ran past its limit of {self.limit_s} s"
             )
         elif isinstance(exc, Interrupted) and self.interrupt_reason == "shutdown":
             self._delete_uploaded()
@@ -253,9 +270,23 @@ class VideoJobRun:
         else:
             self.life.audit("job.error", logging.WARNING, code=err.code, error=str(exc))
         if isinstance(err, errors.OutOfMemory):
-            self._free_accelerator_memory()
+            self._free_accelerator_memory(exc)
+            self.rt.consecutive_ooms += 1
+        else:
+            self.rt.consecutive_ooms = 0
         self.life.fail(err, self.timings(total))
         return JobStatus.failed.value, err.code
+
+    def _stop_superseded(self, exc: RunSuperseded) -> tuple[str, str | None]:
+        """The job store refused this run's write: the job was re-queued, taken by another run or ended by
+        the reaper (this worker was paused or cut off past its heartbeat). Stop at once, write nothing about
+        the job, and remove this run's objects (attempt-specific: nobody else references them). Its RQ
+        entry may already be the next run's: RQ's end-of-job bookkeeping must leave it alone."""
+        self._close_stage()
+        self.life.audit("job.superseded", logging.WARNING, outcome="superseded", current=exc.current)
+        self._delete_uploaded()
+        self.rt.requeued.add(self.job.job_id)
+        return "superseded", None
 
     # -- stages -----------------------------------------------------------------------------------------
 
@@ -371,11 +402,15 @@ class VideoJobRun:
         self._enter_stage(Stage.uploading)
         self._raise_if_interrupted()
         job_id, inp = self.job.job_id, self.job.input
+        attempt = self.life.attempt
         video_key, thumb_key, sidecar_key = (
-            output_key(job_id, "video.mp4"),
-            output_key(job_id, "thumbnail.jpg"),
-            output_key(job_id, "metadata.json"),
+            output_key(job_id, "video.mp4", attempt),
+            output_key(job_id, "thumbnail.jpg", attempt),
+            output_key(job_id, "metadata.json", attempt),
         )
+        # Noted as deletion candidates before they exist: if this run dies mid-upload, or never succeeds,
+        # the reaper removes them; the success transition takes them off the list.
+        reaper.defer_delete_all(self.rt.redis, self.rt.settings.key_prefix, job_id, [video_key, thumb_key, sidecar_key])
         video = VideoOutput(
             url=content_url(job_id),
             key=video_key,
@@ -435,17 +470,14 @@ class VideoJobRun:
                 time.sleep(delay)
 
     def _delete_uploaded(self) -> None:
-        """A failed job leaves no objects behind (each object was atomic; this removes the set). Keys that
-        cannot be deleted now (storage down) are left to the reaper, which deletes them once it can."""
+        """A run that did not succeed removes its objects (keys of this attempt only, so never an object a
+        succeeded record references). Best effort: each was noted before upload, so what cannot be deleted
+        now (storage down) is deleted by the reaper later."""
         for key in self.uploaded:
             try:
                 self.rt.storage.delete(key)
-            except Exception:  # noqa: BLE001 - best effort; the job's failure is what matters
+            except Exception:  # noqa: BLE001 - best effort; the job's outcome is what matters
                 self.life.audit("job.cleanup_deferred", logging.WARNING, key=key)
-                try:
-                    reaper.defer_delete(self.rt.redis, self.rt.settings.key_prefix, self.job.job_id, key)
-                except Exception:  # noqa: BLE001 - Redis down too: the log line names the key
-                    self.life.audit("job.cleanup_failed", logging.ERROR, key=key)
         self.uploaded.clear()
 
     # -- results ----------------------------------------------------------------------------------------
@@ -500,7 +532,16 @@ class VideoJobRun:
         if denoise:
             m.steps_per_second.set(self.job.input.num_inference_steps / denoise)
 
-    def _free_accelerator_memory(self) -> None:
+    def _free_accelerator_memory(self, exc: BaseException) -> None:
+        """After an OOM: drop what pins the failed step's tensors (the frames of the exception's traceback
+        and of the exceptions chained to it hold the forward's activations), collect, then hand the cached
+        blocks back to the device. `empty_cache()` alone frees nothing while those references live."""
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)  # frames still executing (ours) are left as they are
+            exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        gc.collect()
         if self.rt.device.startswith("cuda"):
             import torch
 

@@ -1,8 +1,10 @@
 """The worker's only path to job state and to its own heartbeat.
 
-`JobLifecycle` wraps service.jobstore's transitions for one job: each one also writes a structured audit
-log line (job id, request id, tenant, prompt sha256, params, outcome) and, when terminal, counts the job in
-the worker's metrics. `Heartbeat` publishes `P:worker:{wid}` (TTL'd) from a background thread and on every
+`JobLifecycle` wraps service.jobs.jobstore's transitions for one run of one job. The run's token (set when it
+starts) fences every write: a write the job store refuses raises RunSuperseded and the run stops. Each
+transition also writes a structured audit log line (job id, request id, tenant, prompt sha256, params,
+outcome) and, when terminal, counts the job in the worker's metrics; terminal webhooks are queued by the job
+store in the transition's own transaction. `Heartbeat` publishes `P:worker:{wid}` (TTL'd) from a background thread and on every
 state change, so the API's /readyz and the reaper see this worker's state.
 """
 
@@ -14,15 +16,19 @@ import os
 import secrets
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import heartbeats, jobstore, queueing, webhooks
-from service.config import Settings
-from service.errors import InvalidTransition, JobNotFound
-from service.schemas import (
+from service.jobs import heartbeats, jobstore, queueing, webhooks
+from service.jobs.config import Settings
+from service.jobs.errors import InvalidTransition, JobNotFound
+from service.jobs.schemas import (
     JobRecord,
     JobStatus,
     JobWarning,
@@ -40,7 +46,8 @@ from worker.metrics import WorkerMetrics
 logger = logging.getLogger(__name__)
 # Events that are job state changes carry the full audit fields (prompt hash, params); others only the ids.
 _STATE_EVENTS = frozenset(
-    {"job.running", "job.succeeded", "job.failed", "job.canceled", "job.requeued", "job.skipped"}
+    {"job.running", "job.succeeded", "job.failed", "job.canceled", "job.requeued", "job.skipped", "job.expired",
+     "job.superseded"}
 )
 _LOG_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -65,6 +72,9 @@ class JobLifecycle:
     request_id: str | None = None
     tenant: str | None = None
     input: VideoInput | None = None
+    settle_seconds: float = 20.0
+    token: str | None = None
+    _ended: bool = field(default=False, init=False)  # this run made its terminal transition (one per run)
     _last_progress: float = field(default=0.0, init=False)
     _progress_notified: float = field(default=0.0, init=False)
     _wants_progress: bool = field(default=False, init=False)
@@ -92,17 +102,30 @@ class JobLifecycle:
 
     # -- transitions ------------------------------------------------------------------------------------
 
-    def start(self, weights_sha256: str | None) -> JobRecord:
-        """queued -> running (stage loading). Raises service.errors.InvalidTransition if it was canceled."""
-        record = jobstore.mark_running(
-            self.r, self.job_id, self.worker_id, prefix=self.prefix, weights_sha256=weights_sha256
+    @property
+    def actor(self) -> str:
+        """Who writes: this run (its token), or before any run this worker (an invalid payload)."""
+        return self.token or f"worker:{self.worker_id}"
+
+    def start(self, weights_sha256: str | None, deadline_seconds: float = 0.0) -> JobRecord:
+        """queued -> running (stage loading) under a new run token. Raises InvalidTransition if it was canceled
+        or taken meanwhile, JobExpired if it waited past its expiry. `deadline_seconds`: by when the run must
+        have ended (the overdue metric); 0 keeps the deadline the job was queued with."""
+        run = jobstore.mark_running(
+            self.r, self.job_id, self.worker_id, prefix=self.prefix, weights_sha256=weights_sha256,
+            deadline_seconds=deadline_seconds,
         )
+        record, self.token = run.record, run.token
         self._last_progress = 0.0
-        self.audit("job.running", attempt=record.attempts)
+        self.audit("job.running", attempt=record.attempts, run_token=self.token)
         self._wants_progress = record.webhook is not None and "video.progress" in record.webhook.events
         self._progress_notified = 0.0
         self.notify("video.started", record)
         return record
+
+    @property
+    def attempt(self) -> int:
+        return int((self.token or ":0").rsplit(":", 1)[1])
 
     def progress(
         self,
@@ -111,9 +134,9 @@ class JobLifecycle:
         step: int | None = None,
         total_steps: int | None = None,
         eta_seconds: float | None = None,
-    ) -> JobStatus | None:
+    ) -> JobStatus:
         """Record stage/step/progress (monotonic) in one round trip; returns the job's status, which is also
-        the cancel poll (`canceling` = stop)."""
+        the cancel poll (`canceling` = stop). Raises RunSuperseded when the job is no longer this run's."""
         self._last_progress = max(self._last_progress, min(progress, 99.0))
         status = jobstore.update_progress(
             self.r,
@@ -124,6 +147,7 @@ class JobLifecycle:
             progress=self._last_progress,
             eta_seconds=eta_seconds,
             prefix=self.prefix,
+            token=self._token(),
         )
         if step is None:
             self.audit("job.stage", stage=stage.value)
@@ -134,11 +158,17 @@ class JobLifecycle:
 
     def warn(self, warnings: list[JobWarning]) -> None:
         if warnings:
-            jobstore.add_warnings(self.r, self.job_id, warnings, prefix=self.prefix)
+            jobstore.add_warnings(self.r, self.job_id, warnings, prefix=self.prefix, token=self._token())
             self.audit("job.warnings", warnings=[w.code for w in warnings])
 
     def succeed(self, outputs: Outputs, timings: Timings) -> JobRecord:
-        record = jobstore.mark_succeeded(self.r, self.job_id, outputs, timings, prefix=self.prefix)
+        """-> succeeded, pointing the record at this run's objects; its webhook goes in the same transaction.
+        Raises RunSuperseded (or InvalidTransition) when the job is no longer this run's."""
+        token = self._token()
+        self._ended = True
+        record = self._settle(
+            lambda: jobstore.mark_succeeded(self.r, self.job_id, outputs, timings, prefix=self.prefix, token=token)
+        )
         self.metrics.job_finished("succeeded", None)
         self.audit(
             "job.succeeded",
@@ -147,45 +177,63 @@ class JobLifecycle:
             video_sha256=outputs.video.sha256,
             video_key=outputs.video.key,
         )
-        self.notify("video.succeeded", record)
         return record
 
     def fail(self, error: WorkerError, timings: Timings | None = None) -> JobRecord | None:
-        """-> failed with the error's code. None when the job is already terminal (e.g. canceled meanwhile)."""
+        """-> failed with the error's code. None when the job is not this run's to end any more (canceled,
+        re-queued or ended by the reaper meanwhile), or when this run already ended it."""
+        if self._ended:
+            self.audit("job.fail_ignored", logging.WARNING, outcome="ended", code=error.code)
+            return None
+        self._ended = True
         try:
-            record = jobstore.mark_failed(
-                self.r,
-                self.job_id,
-                error.code,
-                error.message,
-                error.retryable,
-                prefix=self.prefix,
-                timings=timings,
+            record = self._settle(
+                lambda: jobstore.mark_failed(
+                    self.r, self.job_id, error.code, error.message, error.retryable, prefix=self.prefix,
+                    token=self.token, actor=self.actor, timings=timings,
+                )
             )
         except InvalidTransition as exc:
             self.audit("job.fail_ignored", logging.WARNING, outcome=exc.current, code=error.code)
             return None
         self.metrics.job_finished("failed", error.code)
         self.audit("job.failed", logging.WARNING, outcome="failed", code=error.code, error=error.message)
-        self.notify("video.failed", record)
+        return record
+
+    def expire(self) -> JobRecord | None:
+        """queued -> failed `expired`: this worker dequeued a job that waited past its expiry."""
+        try:
+            record = self._settle(lambda: jobstore.expire(self.r, self.job_id, prefix=self.prefix, actor=self.actor))
+        except InvalidTransition:
+            return None
+        self.metrics.job_finished("failed", "expired")
+        self.audit("job.expired", logging.WARNING, outcome="failed", code="expired")
         return record
 
     def cancel(self) -> JobRecord | None:
+        token = self._token()
+        if self._ended:
+            self.audit("job.cancel_ignored", logging.WARNING, outcome="ended")
+            return None
+        self._ended = True
         try:
-            record = jobstore.mark_canceled(self.r, self.job_id, prefix=self.prefix)
+            record = self._settle(
+                lambda: jobstore.mark_canceled(self.r, self.job_id, prefix=self.prefix, token=token, actor=token)
+            )
         except InvalidTransition as exc:
             self.audit("job.cancel_ignored", logging.WARNING, outcome=exc.current)
             return None
         self.metrics.job_finished("canceled", "canceled")
         self.audit("job.canceled", outcome="canceled")
-        self.notify("video.canceled", record)
         return record
 
     def requeue(self, reason: str, settings: Settings) -> JobRecord | None:
         """running -> queued and back at the front of the RQ queue, in one transaction (this worker is
-        shutting down mid-job). None when the job is no longer `running` (a client asked to cancel it)."""
+        shutting down mid-job). None when the job is no longer this run's `running` job (a client asked to
+        cancel it, or it was taken over)."""
+        token = self._token()
         try:
-            record = queueing.requeue(self.r, self.job_id, settings)
+            record = self._settle(lambda: queueing.requeue(self.r, self.job_id, settings, token=token, actor=token))
         except (InvalidTransition, JobNotFound) as exc:
             self.audit("job.requeue_ignored", logging.WARNING, outcome=getattr(exc, "current", "missing"))
             return None
@@ -193,6 +241,27 @@ class JobLifecycle:
             "job.requeued", logging.WARNING, outcome="requeued", reason=reason, attempt=record.attempts
         )
         return record
+
+    def _token(self) -> str:
+        if self.token is None:
+            raise RuntimeError(f"job {self.job_id}: a run's write before the run started")
+        return self.token
+
+    def _settle(self, transition: Callable[[], JobRecord]) -> JobRecord:
+        """Run a terminal transition until Redis confirms it. Each one is safe to repeat (fenced on the run,
+        ALREADY when an earlier try landed), so a lost reply or a short outage does not lose a finished job;
+        after `settle_seconds` the error propagates (the worker then waits for Redis and re-queues)."""
+        give_up = time.monotonic() + self.settle_seconds
+        delay = 0.2
+        while True:
+            try:
+                return transition()
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() + delay > give_up:
+                    raise
+                self.audit("job.transition_retry", logging.WARNING, delay_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def notify(self, event: str, record: JobRecord | None = None) -> None:
         """Queue the job's webhook for `event` (if it asked for one). A failure here never fails the job."""

@@ -7,8 +7,8 @@ torch has run deadlocks, and the model must stay resident).
 SIGTERM/SIGINT (warm shutdown): stop taking jobs and let the current one finish; if it is still running
 after `--grace` seconds (or on a second signal) it stops between denoising steps and is re-queued for
 another worker. The exit code is 0 after a clean stop, 1 when start-up failed (the heartbeat then says
-`failed` with the reason until its TTL runs out) or when RQ's loop ended for no reason we know of (a
-supervisor restarts the process).
+`failed` with the reason until its TTL runs out) or when RQ's loop ended for no reason we know of, 3 after
+BORA_MAX_CONSECUTIVE_OOMS out-of-memory failures in a row (a supervisor restarts the process).
 
 Redis outage: RQ's loop rides out an outage while idle (it retries the dequeue, every 2 s at most here); if
 Redis goes away mid-job, the job stops at its next state write and the loop ends. The process then waits for
@@ -30,11 +30,11 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 
-from service import reaper
-from service.config import Settings, get_settings
-from service.connection import connect
-from service.schemas import WorkerState
-from service.storage import make_storage
+from service.jobs import reaper
+from service.jobs.config import Settings, get_settings
+from service.jobs.connection import connect
+from service.jobs.schemas import WorkerState
+from service.jobs.storage import make_storage
 from worker import jobs, logs
 from worker.lifecycle import Heartbeat, default_worker_id
 from worker.metrics import WorkerMetrics
@@ -42,6 +42,7 @@ from worker.metrics import WorkerMetrics
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 30.0
+EXIT_OUT_OF_MEMORY = 3  # BORA_MAX_CONSECUTIVE_OOMS jobs in a row ran out of memory: restart me
 REDIS_WAIT_LOG_S = 10.0  # while waiting for Redis to come back, log this often
 
 
@@ -101,6 +102,16 @@ class BoraWorker(SimpleWorker):
         super().execute_job(job, queue)
         if self.runtime.lost:  # the job lost Redis: end this loop so run() re-queues it and starts anew
             raise RedisError("Redis was lost during a job")
+        if self.out_of_memory_too_often:
+            logger.error(
+                "out of memory on consecutive jobs: exiting for a restart",
+                extra={"worker_id": self.name, "consecutive_ooms": self.runtime.consecutive_ooms},
+            )
+            self._stop_requested = True  # RQ's loop ends after this job; run() exits EXIT_OUT_OF_MEMORY
+
+    @property
+    def out_of_memory_too_often(self) -> bool:
+        return self.runtime.consecutive_ooms >= self.runtime.settings.max_consecutive_ooms
 
 
 def resolve_device(setting: str) -> str:
@@ -221,6 +232,9 @@ def run(
                 worker.work(burst=burst, logging_level=log_level)
             except RedisError:  # RQ's teardown could not reach Redis either
                 redis_lost = True
+            if worker.out_of_memory_too_often:
+                status = EXIT_OUT_OF_MEMORY
+                break
             if worker.stop_signaled or rt.shutdown.is_set() or (burst and not (redis_lost or rt.lost)):
                 break
             if not (redis_lost or rt.lost):

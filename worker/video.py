@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import struct
 import subprocess
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ def _check_frames(frames: np.ndarray) -> tuple[int, int, int]:
     return t, h, w
 
 
+def _printable(value: str) -> str:
+    """A tag value with control characters (NUL, newlines, escapes) as spaces: they never reach ffmpeg's argv."""
+    return "".join(" " if unicodedata.category(char) == "Cc" else char for char in value)
+
+
 def encode_mp4(frames: np.ndarray, fps: int, path: Path, metadata: dict[str, str]) -> None:
     """Write `frames` [T,H,W,3] uint8 to `path` as H.264 yuv420p with the moov atom first.
 
@@ -49,7 +55,7 @@ def encode_mp4(frames: np.ndarray, fps: int, path: Path, metadata: dict[str, str
     for key, value in metadata.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"metadata key {key!r} is not a plain identifier")
-        params += ["-metadata", f"{key}={value}"]
+        params += ["-metadata", f"{key}={_printable(value)}"]
     writer = imageio_ffmpeg.write_frames(
         str(path),
         (w, h),

@@ -21,7 +21,7 @@ import pytest
 from tests.support import (
     delete_stack_keys,
     free_port,
-    redis_or_skip,
+    require_redis,
     stack_env,
     start_process,
     stop_processes,
@@ -65,7 +65,7 @@ class Service:
 
 @pytest.fixture
 def service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service]:
-    r = redis_or_skip(REDIS_URL)
+    r = require_redis(REDIS_URL)
     svc = Service(tmp_path, tiny_model_dir)
     try:
         yield svc
@@ -88,7 +88,7 @@ def test_submit_poll_download(service: Service, tmp_path: Path) -> None:
         "warning",
     )
     client = httpx.Client(base_url=service.base, timeout=10)
-    wait_http(f"{service.base}/healthz", api, 30, "the API", log=service.logs / "api.log")
+    wait_http(f"{service.base}/healthz", api, 30, "the API", log=service.jobs.logs / "api.log")
 
     # Three jobs before any worker exists: they wait, in order.
     body = {

@@ -1,7 +1,7 @@
 """Cancellation, live events, signed webhooks and the audit trail on the whole service, on real parts:
 `uvicorn service.main:app`, `python -m worker.main` (tiny model) and `python -m service.webhook_sender` as
 subprocesses, the machine's Redis (own DB index and key prefix), and a loopback HTTP receiver that checks
-every webhook signature with service.webhooks.verify."""
+every webhook signature with service.jobs.webhooks.verify."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from service.webhooks import VerificationFailed, verify
+from service.jobs.webhooks import VerificationFailed, verify
 from tests.support import (
     REPO_ROOT,
     delete_stack_keys,
     free_port,
-    redis_or_skip,
+    require_redis,
     stack_env,
     start_process,
     stop_processes,
@@ -80,7 +80,7 @@ class Receiver:
 
 
 class Service:
-    def __init__(self, tmp: Path, model_dir: Path) -> None:
+    def __init__(self, tmp: Path, model_dir: Path, receiver_port: int) -> None:
         self.prefix = "ev" + secrets.token_hex(4)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -94,7 +94,7 @@ class Service:
             BORA_WORKER_METRICS_PORT="0",
             BORA_WORKER_ID=f"{self.prefix}-worker",
             BORA_HEARTBEAT_INTERVAL_SECONDS="1",
-            BORA_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+            BORA_WEBHOOK_ALLOWED_HOSTS=f"127.0.0.1:{receiver_port}",
             BORA_WEBHOOK_ALLOW_HTTP_LOOPBACK="true",
             BORA_WEBHOOK_SECRET="e2e-master-secret",
             BORA_WEBHOOK_BACKOFF_SECONDS="[0, 2, 2]",
@@ -128,9 +128,9 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[Service, httpx.Client, Receiver]]:
-    r = redis_or_skip(REDIS_URL)
-    svc = Service(tmp_path_factory.mktemp("events"), tiny_model_dir)
+    r = require_redis(REDIS_URL)
     receiver = Receiver()
+    svc = Service(tmp_path_factory.mktemp("events"), tiny_model_dir, receiver.server.server_address[1])
     client = httpx.Client(base_url=svc.base, timeout=10)
     try:
         api = svc.spawn("api", "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port",

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from rq import Queue, SimpleWorker
 
-from service import jobstore, queueing, reaper
-from service.config import Settings
-from service.connection import connect
-from service.schemas import JobRecord, JobStatus, Stage, VideoInput, utcnow
-from service.storage import make_storage
+from service.jobs import jobstore, queueing, reaper
+from service.jobs.config import Settings
+from service.jobs.connection import connect
+from service.jobs.schemas import JobRecord, JobStatus, Stage, VideoInput, utcnow
+from service.jobs.storage import make_storage
 from tests.faults.conftest import JOB, dump, error_of
 from tests.support import free_port, wait_for
 

@@ -1,11 +1,11 @@
-"""service/models.py knows the served models without torch; its defaults must be model/presets.py's."""
+"""service/jobs/models.py knows the served models without torch; its defaults must be model/presets.py's."""
 
 from __future__ import annotations
 
 import pytest
 
 from model.presets import BORA_DEFAULTS, PRESETS, TINY_DEFAULTS
-from service.models import MODELS, SIZE_MULTIPLE
+from service.jobs.models import MODELS, SIZE_MULTIPLE
 
 
 def test_the_service_serves_every_preset():

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from model.errors import InvalidInput
 from model.loading import load_stdit
-
-TOL = {"atol": 1e-5, "rtol": 1e-5}
+from tests.model import reference_tolerances
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +26,7 @@ def vectors(reference_dir):
     return load_file(reference_dir / "forward_B.safetensors")
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("mask_key", ["mask", "mask_holes", None])
 @pytest.mark.parametrize("fold", [True, False])
 def test_prepared_condition_matches_upstream_in_both_cross_attention_forms(model, vectors, mask_key, fold):
@@ -36,7 +36,7 @@ def test_prepared_condition_matches_upstream_in_both_cross_attention_forms(model
         condition = model.prepare_condition(vectors["y"], mask, fold=fold)
         assert all(kv.folded is fold for kv in condition.blocks)
         out = model(vectors["x"], vectors["timestep"], condition)
-    torch.testing.assert_close(out, vectors[out_key], **TOL)
+    torch.testing.assert_close(out, vectors[out_key], **reference_tolerances.FORWARD)
 
 
 def test_samples_with_different_caption_lengths_attend_in_separate_groups(model, vectors):

@@ -20,11 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from service import heartbeats, jobstore
-from service.config import Settings
-from service.keys import create_key
-from service.main import create_app
-from service.schemas import (
+from service.api.app import create_app
+from service.jobs import heartbeats, jobstore
+from service.jobs.config import Settings
+from service.jobs.schemas import (
     ImageOutput,
     JobRecord,
     JobStatus,
@@ -38,8 +37,9 @@ from service.schemas import (
     content_url,
     utcnow,
 )
-from service.storage import LocalStorage, output_key
-from tests.support import free_port, moto_s3, redis_or_skip, stop_processes, wait_http
+from service.jobs.storage import LocalStorage, output_key
+from service.keys import create_key
+from tests.support import free_port, moto_s3, require_redis, stop_processes, wait_http
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 TENANT = "tenant-a"
@@ -59,7 +59,7 @@ def cleanup(r: Redis, prefix: str) -> None:
 
 @pytest.fixture
 def redis_conn() -> Redis:
-    return redis_or_skip(REDIS_URL)
+    return require_redis(REDIS_URL)
 
 
 @pytest.fixture
@@ -114,24 +114,24 @@ def queued_record(job_id: str | None = None, *, tenant: str | None = TENANT, **i
 def finish_like_worker(r: Redis, settings: Settings, job_id: str, video: bytes, thumb: bytes = b"") -> JobRecord:
     """Drive a job to succeeded exactly as the worker does: running, outputs written, then succeeded."""
     storage = LocalStorage(settings.storage_dir)
-    jobstore.mark_running(r, job_id, "test-worker", prefix=settings.key_prefix, weights_sha256="ab" * 32)
-    jobstore.update_progress(r, job_id, Stage.denoising, 10, 10, 90.0, prefix=settings.key_prefix)
-    storage.put_bytes(output_key(job_id, "video.mp4"), video, "video/mp4")
+    token = jobstore.mark_running(r, job_id, "test-worker", prefix=settings.key_prefix, weights_sha256="ab" * 32).token
+    jobstore.update_progress(r, job_id, Stage.denoising, 10, 10, 90.0, prefix=settings.key_prefix, token=token)
+    storage.put_bytes(output_key(job_id, "video.mp4", 1), video, "video/mp4")
     thumbnail = None
     if thumb:
-        storage.put_bytes(output_key(job_id, "thumbnail.jpg"), thumb, "image/jpeg")
+        storage.put_bytes(output_key(job_id, "thumbnail.jpg", 1), thumb, "image/jpeg")
         thumbnail = ImageOutput(
-            url=content_url(job_id, "thumbnail"), key=output_key(job_id, "thumbnail.jpg"), bytes=len(thumb),
+            url=content_url(job_id, "thumbnail"), key=output_key(job_id, "thumbnail.jpg", 1), bytes=len(thumb),
             content_type="image/jpeg", width=64, height=64,
         )
     outputs = Outputs(
         video=VideoOutput(
-            url=content_url(job_id), key=output_key(job_id, "video.mp4"), bytes=len(video), content_type="video/mp4",
+            url=content_url(job_id), key=output_key(job_id, "video.mp4", 1), bytes=len(video), content_type="video/mp4",
             sha256="00" * 32, width=64, height=64, frames=16, fps=8, duration_s=2.0,
         ),
         thumbnail=thumbnail,
     )
-    return jobstore.mark_succeeded(r, job_id, outputs, Timings(total_s=1.5), prefix=settings.key_prefix)
+    return jobstore.mark_succeeded(r, job_id, outputs, Timings(total_s=1.5), prefix=settings.key_prefix, token=token)
 
 
 def beat(r: Redis, prefix: str, state: WorkerState = WorkerState.ready, worker_id: str = "w-test", ttl: int = 30):

@@ -4,16 +4,15 @@ queue caps (429 + Retry-After), the body cap (413), and accepting jobs while no 
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
 from rq import Queue
 
-from service import idempotency, jobstore
-from service.config import Settings
-from service.main import create_app
+from service.api.app import create_app
+from service.jobs import idempotency, jobstore
+from service.jobs.config import Settings
 from tests.service.conftest import TENANT, bearer, key_for
 
 ERROR_FIELDS = {"type", "code", "message", "param"}
@@ -85,31 +84,24 @@ def test_concurrent_retries_create_one_job(client, redis_conn, settings):
         responses = list(pool.map(post, range(16)))
     created = {r.json()["id"] for r in responses if r.status_code == 202}
     assert len(created) == 1
-    # A retry that arrives while the first is still writing its job is told to retry (409 in_use), never 5xx.
-    assert {r.status_code for r in responses} <= {202, 409}
-    assert all(r.json()["error"]["code"] == "idempotency_key_in_use" for r in responses if r.status_code == 409)
+    # The claim is written with the job: every concurrent request gets that one job back, none a 409 or 5xx.
+    assert {r.status_code for r in responses} == {202}
     assert Queue(settings.queue_name, connection=redis_conn).count == 1
 
 
-def test_bad_keys_are_422_and_in_use_and_abandoned_claims(client, redis_conn, settings):
+def test_bad_keys_are_422_and_a_key_naming_no_job_is_free(client, redis_conn, settings):
     for bad in ["", "x" * 256, "a b"]:
         response = client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": bad})
         assert response.status_code == 422, bad
         assert response.json()["error"]["param"] == "header.Idempotency-Key"
-    # A claim whose job does not exist yet: someone is still creating it -> 409 with Retry-After.
+    # A key whose job is gone (expired with its retention): a new job, and the key names it from then on.
+    rkey = f"{settings.key_prefix}:idem:{TENANT}:gone"
     fingerprint = idempotency.body_sha256({"prompt": "p"})
-    idempotency.claim(redis_conn, settings.key_prefix, TENANT, "pending", fingerprint, "vid_" + "0" * 32)
-    response = client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": "pending"})
-    assert response.status_code == 409 and response.headers["retry-after"] == "1"
-    assert response.json()["error"]["code"] == "idempotency_key_in_use"
-    # The same claim, old: its request died before creating the job; the key is taken over.
-    rkey = f"{settings.key_prefix}:idem:{TENANT}:pending"
-    held = json.loads(redis_conn.get(rkey))
-    redis_conn.set(rkey, json.dumps({**held, "claimed_at": time.time() - 600}), keepttl=True)
-    response = client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": "pending"})
-    assert response.status_code == 202 and response.json()["id"] != held["job_id"]
-    again = client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": "pending"})
-    assert again.json()["id"] == response.json()["id"]
+    redis_conn.set(rkey, json.dumps({"body_sha256": fingerprint, "job_id": "vid_" + "0" * 32}), ex=60)
+    response = client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": "gone"})
+    assert response.status_code == 202 and response.json()["id"] != "vid_" + "0" * 32
+    again = client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": "gone"})
+    assert again.json()["id"] == response.json()["id"] and again.headers["idempotent-replayed"] == "true"
 
 
 def test_a_refused_submission_frees_its_idempotency_key(settings, api_key, redis_conn):
@@ -122,7 +114,7 @@ def test_a_refused_submission_frees_its_idempotency_key(settings, api_key, redis
         job = client.get("/v1/videos").json()["data"][0]
         redis_conn.delete(f"{settings.key_prefix}:idem:{TENANT}:again")
         Queue(settings.queue_name, connection=redis_conn).empty()
-        jobstore.mark_canceled(redis_conn, job["id"], prefix=settings.key_prefix)
+        jobstore.request_cancel(redis_conn, job["id"], prefix=settings.key_prefix)
         first = client.post("/v1/videos", json={"prompt": "c"}, headers={"Idempotency-Key": "again"})
         assert first.status_code == 202
         replay = client.post("/v1/videos", json={"prompt": "c"}, headers={"Idempotency-Key": "again"})
@@ -155,14 +147,14 @@ def test_tenant_queue_cap(settings, api_key, redis_conn):
         assert client.post("/v1/videos", json={"prompt": "p"}, headers=other).status_code == 202
         # A job that starts running leaves the queue, and so does a canceled one: room for two more.
         Queue(settings.queue_name, connection=redis_conn).remove(ids[0])
-        jobstore.mark_running(redis_conn, ids[0], "w", prefix=settings.key_prefix)
+        token = jobstore.mark_running(redis_conn, ids[0], "w", prefix=settings.key_prefix).token
         assert client.post(f"/v1/videos/{ids[1]}/cancel").json()["status"] == "canceled"
         assert client.post("/v1/videos", json={"prompt": "q"}).status_code == 202
         assert client.post("/v1/videos", json={"prompt": "r"}).status_code == 202
         assert_429(client.post("/v1/videos", json={"prompt": "s"}), "tenant_queue_full")
         # A running job put back in the queue (worker lost) counts again.
-        jobstore.mark_requeued(redis_conn, ids[0], prefix=settings.key_prefix)
-        jobstore.mark_canceled(redis_conn, ids[2], prefix=settings.key_prefix)
+        jobstore.mark_requeued(redis_conn, ids[0], prefix=settings.key_prefix, token=token, actor="test")
+        jobstore.request_cancel(redis_conn, ids[2], prefix=settings.key_prefix)
         assert_429(client.post("/v1/videos", json={"prompt": "t"}), "tenant_queue_full")
 
 

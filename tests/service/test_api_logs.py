@@ -12,7 +12,7 @@ import time
 import httpx
 from rq.registry import StartedJobRegistry
 
-from service import jobstore, logs
+from service.jobs import jobstore, logs
 from tests.service.conftest import bearer, bora_env, queued_record
 from tests.support import REPO_ROOT, free_port, stop_processes, wait_for, wait_http
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from rq import Queue
 from rq.job import Job
 
-from service import jobstore
+from service.jobs import jobstore
 from tests.service.conftest import TENANT, queued_record
 
 BOUND_CASES = [
@@ -44,6 +42,7 @@ BOUND_CASES = [
     ({"metadata": {"k": 1}}, "body.metadata.k"),
     ({"metadata": {f"k{i}": "é" * 200 for i in range(8)}}, "body.metadata"),  # over 2048 bytes of JSON
     ({"unknown_field": 1}, "body.unknown_field"),
+    ({"prompt": "a heart\x00 beating"}, "body.prompt"),  # NUL can't reach ffmpeg's argv: refused at the door
 ]
 
 
@@ -72,11 +71,8 @@ def test_malformed_bodies_are_422_json(client):
 
 
 def test_submit_answers_202_at_once_with_location_and_seed(client, redis_conn, settings):
-    start = time.perf_counter()
     response = client.post("/v1/videos", json={"prompt": "a beating heart, ultrasound"})
-    elapsed = time.perf_counter() - start
-    assert response.status_code == 202, response.text
-    assert elapsed < 1.0
+    assert response.status_code == 202, response.text  # at once: no worker runs here, the job stays queued
     job = response.json()
     assert response.headers["location"] == f"/v1/videos/{job['id']}"
     assert job["status"] == "queued" and job["stage"] == "queued" and job["progress"] == 0
@@ -91,7 +87,9 @@ def test_submit_answers_202_at_once_with_location_and_seed(client, redis_conn, s
     # The RQ job: our id, the dotted worker function, the payload dict, our timeout.
     rq_job = Job.fetch(job["id"], connection=redis_conn)
     assert rq_job.func_name == "worker.jobs.run_video_job"
-    assert rq_job.timeout == settings.job_timeout_seconds
+    # RQ's hard kill comes a margin after the worker's own limit, so the clean timeout always wins (failure 4)
+    assert job["timeout_seconds"] == settings.job_timeout_seconds
+    assert rq_job.timeout == settings.job_timeout_seconds + settings.rq_timeout_margin_seconds
     (payload,) = rq_job.args
     assert payload["job_id"] == job["id"] and payload["seed"] == job["seed"] and payload["model"] == "tiny"
     assert payload["input"] == job["input"]
@@ -136,6 +134,21 @@ def test_get_unknown_and_odd_ids_are_404(client):
         assert method(path).status_code == 404
 
 
+def test_ids_naming_other_keys_of_a_job_are_404_on_every_route(client, redis_conn, settings):
+    """`vid_…:webhooks` is the key of a job's webhook attempts: it must read as "no such job", never reach
+    Redis as a key name (a WRONGTYPE 500 would tell other tenants that the job exists)."""
+    job_id = client.post("/v1/videos", json={"prompt": "a heart"}).json()["id"]
+    redis_conn.rpush(f"{settings.key_prefix}:job:{job_id}:webhooks", "{}")  # as after a delivery attempt
+    for suffix in [":webhooks", ":events", ":attempts", "%00", "X"]:
+        odd = job_id + suffix
+        for method, path in [("GET", f"/v1/videos/{odd}"), ("GET", f"/v1/videos/{odd}/content"),
+                             ("POST", f"/v1/videos/{odd}/cancel"), ("GET", f"/v1/videos/{odd}/events"),
+                             ("GET", f"/v1/videos/{odd}/webhook-attempts")]:
+            response = client.request(method, path)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"]["type"] == "not_found_error"
+
+
 def test_unknown_route_and_wrong_method_are_json(client):
     response = client.get("/v2/whatever")
     assert response.status_code == 404 and response.json()["error"]["code"] == "route_not_found"
@@ -178,8 +191,9 @@ def test_list_is_paged_newest_first(client):
     assert [j["id"] for j in client.get("/v1/videos").json()["data"]] == ids[::-1]
     assert client.get("/v1/videos", params={"limit": 0}).json()["error"]["param"] == "query.limit"
     assert client.get("/v1/videos", params={"limit": 101}).json()["error"]["param"] == "query.limit"
-    bad = client.get("/v1/videos", params={"cursor": "garbage"})
-    assert bad.status_code == 422 and bad.json()["error"]["param"] == "cursor"
+    for garbage in ["garbage", "nan_x", "inf_x", "-inf_x", "1e400_x", "1.5_vid_x", "1.5_../x", "NaN_" + "vid_" + "0" * 32]:
+        bad = client.get("/v1/videos", params={"cursor": garbage})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "cursor", (garbage, bad.text)
 
 
 def test_list_skips_expired_jobs(client, redis_conn, settings):
@@ -208,8 +222,8 @@ def test_cancel_queued_job_is_immediate_and_leaves_the_queue(client, redis_conn,
     assert Queue(settings.queue_name, connection=redis_conn).job_ids == [other]
     assert not redis_conn.exists(f"rq:job:{job_id}")
     assert client.get(f"/v1/videos/{job_id}").json()["status"] == "canceled"
-    again = client.post(f"/v1/videos/{job_id}/cancel")
-    assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_state"
+    again = client.post(f"/v1/videos/{job_id}/cancel")  # a retried cancel: the same answer, not an error
+    assert again.status_code == 200 and again.json()["status"] == "canceled"
     # A worker that had already dequeued it cannot start it.
     with pytest.raises(Exception, match="canceled"):
         jobstore.mark_running(redis_conn, job_id, "w", prefix=settings.key_prefix)
@@ -217,17 +231,18 @@ def test_cancel_queued_job_is_immediate_and_leaves_the_queue(client, redis_conn,
 
 def test_cancel_running_job_flags_it_for_the_worker(client, redis_conn, settings):
     job_id = client.post("/v1/videos", json={"prompt": "p"}).json()["id"]
-    jobstore.mark_running(redis_conn, job_id, "w", prefix=settings.key_prefix)
+    token = jobstore.mark_running(redis_conn, job_id, "w", prefix=settings.key_prefix).token
     response = client.post(f"/v1/videos/{job_id}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "canceling"
     assert client.post(f"/v1/videos/{job_id}/cancel").json()["status"] == "canceling"  # idempotent
-    from service.schemas import Stage
+    from service.jobs.schemas import Stage
 
-    status = jobstore.update_progress(redis_conn, job_id, Stage.denoising, 2, 10, prefix=settings.key_prefix)
+    status = jobstore.update_progress(redis_conn, job_id, Stage.denoising, 2, 10, prefix=settings.key_prefix,
+                                      token=token)
     assert status == "canceling"  # the worker's per-step poll sees it
-    jobstore.mark_canceled(redis_conn, job_id, prefix=settings.key_prefix)
+    jobstore.mark_canceled(redis_conn, job_id, prefix=settings.key_prefix, token=token, actor=token)
     assert client.get(f"/v1/videos/{job_id}").json()["status"] == "canceled"
-    assert client.post(f"/v1/videos/{job_id}/cancel").status_code == 409
+    assert client.post(f"/v1/videos/{job_id}/cancel").status_code == 200
 
 
 def test_other_tenants_jobs_are_404(client, redis_conn, settings):

@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service import jobstore
-from service.auth import DEFAULT_TENANT
-from service.config import Settings
+from service.api.app import create_app
+from service.api.auth import DEFAULT_TENANT
+from service.jobs import jobstore
+from service.jobs.config import Settings
 from service.keys import revoke_key
-from service.main import create_app
 from tests.service.conftest import (
     REPO_ROOT,
     TENANT,

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.auth import DEFAULT_TENANT
-from service.config import is_loopback
-from service.main import create_app
+from service.api.app import create_app
+from service.api.auth import DEFAULT_TENANT
+from service.jobs.config import is_loopback
 from tests.service.conftest import bora_env
 from tests.support import REPO_ROOT, free_port, stop_processes, wait_http
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.jobs.config import Settings
 
 
 def test_environment_and_derived_paths(monkeypatch, tmp_path):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from redis import Redis
 from rq import Queue
 
 from service import devserver
-from service.config import Settings
+from service.jobs.config import Settings
 from tests.service.conftest import REPO_ROOT, bearer, bora_env
 from tests.support import free_port, wait_http
 
@@ -24,9 +25,14 @@ def test_given_url_wins(tmp_path):
     assert (url, handle) == ("redis://example:1/3", None)
 
 
-def test_local_redis_is_used_when_it_answers(tmp_path, redis_conn):
+def test_embedded_redis_even_when_a_local_one_answers(tmp_path, redis_conn):
+    """Two `make run`s on one host must not share a queue through whatever answers on 127.0.0.1:6379."""
+    assert redis_conn.ping()
     url, handle = devserver.resolve_redis(Settings(data_dir=tmp_path))
-    assert url == devserver.LOCAL_REDIS_URL and handle is None
+    try:
+        assert url.startswith("unix://") and handle is not None
+    finally:
+        devserver.stop_embedded_redis(handle)
 
 
 def test_embedded_redis_serves_rq_from_another_client(tmp_path):
@@ -44,12 +50,39 @@ def test_embedded_redis_serves_rq_from_another_client(tmp_path):
     assert not devserver.answers(f"redis://127.0.0.1:{free_port()}/0")
 
 
-def test_supervise_stops_when_a_child_dies():
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    quitter = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    start = time.monotonic()
-    assert devserver.supervise({"api": sleeper, "worker": quitter}) == 3
-    assert time.monotonic() - start < 10
+def _python(code: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_supervise_restarts_a_child_that_dies_and_keeps_the_others():
+    sleeper = _python("import time; time.sleep(60)")
+    crasher = _python("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    starts: list[str] = []
+
+    def restart(name: str) -> subprocess.Popen[bytes]:
+        starts.append(name)
+        if len(starts) == 2:  # the second restart stays up; then we stop the devserver like Ctrl-C does
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return _python("import time; time.sleep(60)")
+        return _python("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+
+    children = {"api": sleeper, "worker": crasher}
+    assert devserver.supervise(children, restart, backoff=(0.1,)) == 0
+    assert starts == ["worker", "worker"]
+    assert children["api"] is sleeper  # the API was never restarted
+    assert all(process.poll() is not None for process in children.values())  # and everything stopped
+
+
+def test_supervise_gives_up_on_a_child_that_keeps_exiting_at_start():
+    sleeper = _python("import time; time.sleep(60)")
+    starts: list[str] = []
+
+    def restart(name: str) -> subprocess.Popen[bytes]:
+        starts.append(name)
+        return _python("raise SystemExit(3)")
+
+    assert devserver.supervise({"api": sleeper, "worker": restart("worker")}, restart, backoff=(0.05,)) == 3
+    assert len(starts) == devserver.MAX_QUICK_EXITS
     assert sleeper.poll() is not None
 
 

@@ -19,8 +19,9 @@ import httpx
 import pytest
 from redis import Redis
 
-from service import devserver, jobstore
-from service.config import Settings
+from service import devserver
+from service.jobs import jobstore
+from service.jobs.config import Settings
 from tests.service.conftest import REPO_ROOT, bearer, bora_env
 from tests.support import free_port, wait_for, wait_http
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from service.events import (
+from service.api.events import (
     KEEPALIVE,
     ajob_event_stream,
     event_id_of,

@@ -6,8 +6,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import heartbeats
-from service.schemas import WorkerState
+from service.jobs import heartbeats
+from service.jobs.schemas import WorkerState
 from tests.service.conftest import beat, finish_like_worker
 
 
@@ -20,16 +20,20 @@ def test_readyz_needs_a_ready_worker(client, redis_conn, settings):
     assert response.status_code == 503
     body = response.json()
     assert body["error"]["code"] == "not_ready" and "no worker ready" in body["error"]["message"]
-    assert body["redis"] == "ok" and body["workers"] == []
+    assert body["redis"] == "ok" and set(body["workers_by_state"].values()) == {0}
 
     beat(redis_conn, settings.key_prefix, WorkerState.loading)
     response = client.get("/readyz")
-    assert response.status_code == 503 and "w-test=loading" in response.json()["error"]["message"]
+    assert response.status_code == 503 and "workers: 1 loading" in response.json()["error"]["message"]
 
     beat(redis_conn, settings.key_prefix, WorkerState.ready)
     response = client.get("/readyz")
     assert response.status_code == 200, response.text
-    assert response.json()["workers_ready"] == 1 and response.json()["workers"][0]["model"] == "tiny"
+    assert response.json()["workers_ready"] == 1 and response.json()["workers_by_state"]["ready"] == 1
+    # open to anyone: counts only, nothing about the workers themselves or the jobs they run
+    assert set(response.json()) == {"status", "redis", "workers_ready", "workers_by_state"}
+    for private in ["w-test", "tiny", "pid", "hostname", "current_job", "weights_sha256"]:
+        assert private not in response.text, private
 
     beat(redis_conn, settings.key_prefix, WorkerState.busy)
     assert client.get("/readyz").status_code == 200

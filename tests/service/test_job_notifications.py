@@ -12,11 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue
 
-from service import jobstore, webhooks
-from service.config import Settings
-from service.logs import JsonFormatter
-from service.main import create_app
-from service.schemas import JobStatus, Stage
+from service.api.app import create_app
+from service.jobs import jobstore, webhooks
+from service.jobs.config import Settings
+from service.jobs.errors import InvalidTransition
+from service.jobs.logs import JsonFormatter
+from service.jobs.schemas import JobStatus, Stage
 from tests.service.conftest import REDIS_URL, queued_record
 
 HOOK = {"url": "https://hooks.example.org/bora"}
@@ -61,11 +62,22 @@ def test_webhooks_are_refused_while_the_allowlist_is_empty(plain_client):
     "https://partner.example/x",                 # *.suffix is subdomains only
     "http://127.0.0.1:9/x",                      # loopback http only when explicitly allowed
     "https://169.254.169.254/latest/meta-data",  # the metadata service
+    "https://hooks.example.org:6379/",           # an allowed host on another port (Redis here)
+    "https://hooks.exa\tmple.org/x",             # parsers disagree on whitespace: refused, never stored
+    "https://hooks.example.org/\nx",
+    " https://hooks.example.org/x",
 ])
 def test_destinations_outside_the_allowlist_are_422(hooks_client, url):
     response = hooks_client.post("/v1/videos", json={"prompt": "a heart", "webhook": {"url": url}})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "webhook_not_allowed"
+
+
+def test_the_url_is_stored_as_the_sender_parses_it(hooks_client):
+    body = {"prompt": "a heart", "webhook": {"url": "HTTPS://Hooks.Example.ORG:443/bora?x=1"}}
+    response = hooks_client.post("/v1/videos", json=body)
+    assert response.status_code == 202, response.text
+    assert response.json()["webhook"]["url"] == "https://hooks.example.org:443/bora?x=1"
 
 
 def test_bad_event_names_are_422(hooks_client):
@@ -128,15 +140,16 @@ def test_event_stream_of_a_finished_job_is_its_last_state_then_ends(hooks_client
 def test_every_transition_bumps_the_version(redis_conn, prefix):
     record = queued_record()
     jobstore.create(redis_conn, record, prefix=prefix)
-    jobstore.mark_running(redis_conn, record.id, "w", prefix=prefix)
-    jobstore.update_progress(redis_conn, record.id, Stage.denoising, 1, 10, 10.0, prefix=prefix)
+    token = jobstore.mark_running(redis_conn, record.id, "w", prefix=prefix).token
+    jobstore.update_progress(redis_conn, record.id, Stage.denoising, 1, 10, 10.0, prefix=prefix, token=token)
     jobstore.request_cancel(redis_conn, record.id, prefix=prefix)
     assert jobstore.get(redis_conn, record.id, prefix=prefix).version == 3
-    jobstore.mark_canceled(redis_conn, record.id, prefix=prefix)
+    jobstore.mark_canceled(redis_conn, record.id, prefix=prefix, token=token, actor=token)
     after = jobstore.get(redis_conn, record.id, prefix=prefix)
     assert after.status == JobStatus.canceled and after.version == 4
     # A refused transition changes nothing, version included.
-    assert jobstore.update_progress(redis_conn, record.id, Stage.denoising, 2, 10, prefix=prefix) == JobStatus.canceled
+    with pytest.raises(InvalidTransition):
+        jobstore.update_progress(redis_conn, record.id, Stage.denoising, 2, 10, prefix=prefix, token=token)
     assert jobstore.get(redis_conn, record.id, prefix=prefix).version == 4
 
 

@@ -23,7 +23,8 @@ def test_create_stores_only_a_salted_hash(tmp_path):
     assert set(record) == {"key_id", "tenant", "salt", "hash", "iterations", "created_at", "revoked"}
     assert record["key_id"] == key_id and record["tenant"] == "hospital-a" and record["revoked"] is False
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert [p.name for p in path.parent.iterdir()] == ["api-keys.json"]  # no temp file left behind
+    # no temp file left behind; the lock file of `bora keys` stays
+    assert sorted(p.name for p in path.parent.iterdir()) == [".api-keys.json.lock", "api-keys.json"]
     # Same secret for two keys still hashes differently (per-key salt).
     other = json.loads(path.read_text())["keys"][0]
     create_key(path, "hospital-a")

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from service import jobstore
-from service.config import Settings
+from service.jobs import jobstore
+from service.jobs.config import Settings
 from tests.service.conftest import REDIS_URL, bearer, key_for
 
 SUBMISSIONS = 10_000
@@ -59,8 +59,8 @@ def drain(r: Redis, prefix: str, stop: threading.Event) -> int:
             job_id = r.lpop(keys.rq_queue)
             if job_id is None:
                 break
-            jobstore.mark_running(r, job_id.decode(), "load-worker", prefix=prefix)
-            jobstore.mark_canceled(r, job_id.decode(), prefix=prefix)  # a terminal state, without outputs
+            token = jobstore.mark_running(r, job_id.decode(), "load-worker", prefix=prefix).token
+            jobstore.mark_canceled(r, job_id.decode(), prefix=prefix, token=token, actor=token)  # no outputs
             drained += 1
     return drained
 

@@ -10,10 +10,10 @@ from tests.service.conftest import REPO_ROOT
 
 CODE = """
 import json, sys
-from service.main import create_app
-from service.config import Settings
-import service.devserver, service.storage, service.jobstore, service.heartbeats, service.models
-import service.webhook_sender, service.logs, service.audit  # the webhook sender runs from the API image
+from service.api.app import create_app
+from service.jobs.config import Settings
+import service.devserver, service.jobs.storage, service.jobs.jobstore, service.jobs.heartbeats, service.jobs.models
+import service.webhook_sender, service.jobs.logs, service.jobs.audit  # the webhook sender runs from the API image
 app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
 from fastapi.testclient import TestClient
 TestClient(app).get("/openapi.json")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from service.ratelimit import Decision, RateLimiter
+from service.api.ratelimit import Decision, RateLimiter
 from tests.support import scratch_redis
 
 

@@ -15,11 +15,11 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from service import jobstore, queueing, reaper, webhooks
-from service.errors import InvalidTransition, JobNotFound
-from service.logs import JsonFormatter
-from service.main import create_app
-from service.schemas import JobRecord, JobStatus, Webhook
+from service.api.app import create_app
+from service.jobs import jobstore, queueing, reaper, webhooks
+from service.jobs.errors import InvalidTransition, JobNotFound
+from service.jobs.logs import JsonFormatter
+from service.jobs.schemas import JobRecord, JobStatus, Webhook
 from tests.service.conftest import bearer, queued_record
 
 HOOK = Webhook(url="https://hooks.example.org/bora", events=["video.failed", "video.canceled"])
@@ -28,20 +28,18 @@ HOOK = Webhook(url="https://hooks.example.org/bora", events=["video.failed", "vi
 def submit(r, settings, *, webhook: Webhook | None = HOOK) -> JobRecord:
     """A queued job as the API stores it: the job hash and its RQ entry in one transaction."""
     record = queued_record(prompt="a lost heart").model_copy(update={"webhook": webhook, "request_id": "req-1"})
-    pipe = r.pipeline(transaction=True)
-    pipe.multi()
-    jobstore.create(r, record, prefix=settings.key_prefix, pipeline=pipe)
-    queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe)
-    pipe.execute()
+    jobstore.create(r, record, prefix=settings.key_prefix,
+                    enqueue=lambda pipe: queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe))
     return record
 
 
-def take(r, settings, job_id: str, worker_id: str = "ghost") -> None:
-    """What a worker does when it takes a job (and then dies: it never beats)."""
+def take(r, settings, job_id: str, worker_id: str = "ghost") -> str:
+    """What a worker does when it takes a job (and then dies: it never beats); the run's token."""
     Queue(settings.queue_name, connection=r).remove(job_id)
-    jobstore.mark_running(r, job_id, worker_id, prefix=settings.key_prefix)
+    token = jobstore.mark_running(r, job_id, worker_id, prefix=settings.key_prefix).token
     registry = StartedJobRegistry(settings.queue_name, connection=r)
     r.zadd(registry.key, {f"{job_id}:exec-{worker_id}": time.time() + 600})
+    return token
 
 
 def webhook_events(r, settings) -> list[tuple[str, str]]:
@@ -74,8 +72,8 @@ def test_jobs_ended_by_the_reaper_are_audited(redis_conn, settings, caplog):
     caplog.set_level(logging.INFO, logger="bora.audit")
     requeued, failed = submit(redis_conn, settings), submit(redis_conn, settings)
     take(redis_conn, settings, requeued.id)
-    take(redis_conn, settings, failed.id)
-    jobstore.mark_requeued(redis_conn, failed.id, prefix=settings.key_prefix)  # its first run was lost already
+    lost = take(redis_conn, settings, failed.id)
+    jobstore.mark_requeued(redis_conn, failed.id, prefix=settings.key_prefix, token=lost, actor="test")  # lost before
     take(redis_conn, settings, failed.id, "ghost-2")
     assert reaper.reap(redis_conn, settings) == {requeued.id: "requeued", failed.id: "failed"}
 
@@ -93,9 +91,9 @@ def test_requeue_enqueues_like_the_api(redis_conn, settings, api_key):
     with TestClient(create_app(settings), headers=bearer(api_key)) as client:
         created = client.post("/v1/videos", json={"prompt": "a heart"}).json()["id"]
         other = client.post("/v1/videos", json={"prompt": "a lung"}).json()["id"]
-    take(redis_conn, settings, created)
+    token = take(redis_conn, settings, created)
     before = Job.fetch(other, connection=redis_conn)
-    record = queueing.requeue(redis_conn, created, settings)
+    record = queueing.requeue(redis_conn, created, settings, token=token, actor="test")
     assert record.status == JobStatus.queued and record.queue_position == 1  # at the front
     again = Job.fetch(created, connection=redis_conn)
     for option in ("func_name", "timeout", "result_ttl", "failure_ttl", "origin"):
@@ -107,14 +105,14 @@ def test_requeue_enqueues_like_the_api(redis_conn, settings, api_key):
 
 def test_requeue_is_one_transaction(redis_conn, settings, monkeypatch):
     record = submit(redis_conn, settings)
-    take(redis_conn, settings, record.id)
+    token = take(redis_conn, settings, record.id)
 
     def crash(*args, **kwargs):
         raise RuntimeError("the process died between the two writes")
 
     monkeypatch.setattr(queueing, "enqueue", crash)
     with pytest.raises(RuntimeError):
-        queueing.requeue(redis_conn, record.id, settings)
+        queueing.requeue(redis_conn, record.id, settings, token=token, actor="test")
     # Nothing was written: the job is still running (so a reaper will find it again), and not in RQ's queue.
     assert jobstore.get(redis_conn, record.id, prefix=settings.key_prefix).status == JobStatus.running
     assert Queue(settings.queue_name, connection=redis_conn).job_ids == []
@@ -127,17 +125,17 @@ def test_a_cancel_that_races_the_requeue_wins(redis_conn, settings, monkeypatch)
     """The job hash is WATCHed: a cancel between the read and the write makes the transaction start over, and
     a `canceling` job is not re-queued."""
     record = submit(redis_conn, settings)
-    take(redis_conn, settings, record.id)
+    token = take(redis_conn, settings, record.id)
     payload_of = queueing.payload_of
 
     def cancel_meanwhile(stored):
-        if stored.status == JobStatus.running:
+        if jobstore.get(redis_conn, record.id, prefix=settings.key_prefix).status == JobStatus.running:
             jobstore.request_cancel(redis_conn, record.id, prefix=settings.key_prefix)
         return payload_of(stored)
 
     monkeypatch.setattr(queueing, "payload_of", cancel_meanwhile)
     with pytest.raises(InvalidTransition):
-        queueing.requeue(redis_conn, record.id, settings)
+        queueing.requeue(redis_conn, record.id, settings, token=token, actor="test")
     assert jobstore.get(redis_conn, record.id, prefix=settings.key_prefix).status == JobStatus.canceling
     assert Queue(settings.queue_name, connection=redis_conn).job_ids == []
 
@@ -145,10 +143,10 @@ def test_a_cancel_that_races_the_requeue_wins(redis_conn, settings, monkeypatch)
 def test_requeue_refuses_jobs_that_are_not_running(redis_conn, settings):
     record = submit(redis_conn, settings)
     with pytest.raises(InvalidTransition):
-        queueing.requeue(redis_conn, record.id, settings)  # queued already
+        queueing.requeue(redis_conn, record.id, settings, token=None, actor="test")  # queued already
     with pytest.raises(JobNotFound):
-        queueing.requeue(redis_conn, "vid_missing", settings)
-    take(redis_conn, settings, record.id)
+        queueing.requeue(redis_conn, "vid_missing", settings, token=None, actor="test")
+    token = take(redis_conn, settings, record.id)
     jobstore.request_cancel(redis_conn, record.id, prefix=settings.key_prefix)
     with pytest.raises(InvalidTransition):
-        queueing.requeue(redis_conn, record.id, settings)  # canceling: it ends canceled, never runs again
+        queueing.requeue(redis_conn, record.id, settings, token=token, actor="test")  # canceling: it ends canceled, never runs again

@@ -7,8 +7,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.config import Settings
-from service.main import create_app
+from service.api.app import create_app
+from service.jobs.config import Settings
 from tests.service.conftest import bearer, key_for
 from tests.support import free_port
 
@@ -55,7 +55,7 @@ def test_validation_still_comes_first(dead_client):
 
 
 def test_unexpected_errors_are_500_json_without_traceback(tmp_path, monkeypatch):
-    from service import jobstore
+    from service.jobs import jobstore
 
     def boom(*args, **kwargs):
         raise RuntimeError("secret internal detail")

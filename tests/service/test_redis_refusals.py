@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 
-from service.config import Settings
-from service.handlers import redis_refusal
-from service.main import create_app
+from service.api.app import create_app
+from service.api.handlers import redis_refusal
+from service.jobs.config import Settings
 from tests.service.conftest import TENANT, bearer, key_for
 from tests.support import free_port, stop_processes, wait_for
 
@@ -26,8 +26,8 @@ ERROR_FIELDS = {"type", "code", "message", "param"}
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[Redis]:
-    if shutil.which("redis-server") is None:  # pragma: no cover - environment problem
-        pytest.skip("no redis-server binary")
+    if shutil.which("redis-server") is None:  # pragma: no cover - environment problem: a failure, never a skip
+        pytest.fail("no redis-server binary on PATH (apt-get install redis-server)", pytrace=False)
     port = free_port()
     process = subprocess.Popen(
         ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(tmp_path), "--save", "3600 1",

@@ -8,9 +8,9 @@ import threading
 import httpx
 import pytest
 
-from service.config import Settings
-from service.errors import StorageError
-from service.storage import LocalStorage, S3Storage, Storage, make_storage, output_key
+from service.jobs.config import Settings
+from service.jobs.errors import StorageError
+from service.jobs.storage import LocalStorage, S3Storage, Storage, make_storage, output_key
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -28,8 +28,8 @@ def store(request, tmp_path) -> Storage:
 def test_round_trip(store, tmp_path):
     source = tmp_path / "in.mp4"
     source.write_bytes(b"\x00mp4" * 1000)
-    key = output_key("vid_1", "video.mp4")
-    assert key == "videos/vid_1/video.mp4"
+    key = output_key("vid_1", "video.mp4", 1)
+    assert key == "videos/vid_1/1/video.mp4"
     assert not store.exists(key)
     store.put_file(key, source, "video/mp4")
     assert store.exists(key) and store.size(key) == 4000

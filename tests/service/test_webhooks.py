@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rq import Queue
 
-from service import webhooks
-from service.webhooks import (
+from service.jobs import webhooks
+from service.jobs.config import Settings
+from service.jobs.webhooks import (
     BACKOFF_SECONDS,
     DestinationRejected,
     VerificationFailed,
@@ -77,9 +78,13 @@ def test_tenant_secrets_are_derived_distinct_and_stable():
 
 
 def test_allowlist():
-    allowed = ["hooks.hospital.org", "*.clinic.example", "127.0.0.1"]
-    check_destination("https://hooks.hospital.org/bora", allowed)
-    check_destination("https://HOOKS.hospital.org.:8443/x?y=1", allowed)
+    allowed = Settings(webhook_allowed_hosts="hooks.hospital.org, *.clinic.example, hooks.hospital.org:8443, "
+                       "127.0.0.1:8080", webhook_secret="s").webhook_hosts
+    assert allowed == [("hooks.hospital.org", 443), ("*.clinic.example", 443), ("hooks.hospital.org", 8443),
+                       ("127.0.0.1", 8080)]
+    assert check_destination("https://hooks.hospital.org/bora", allowed) == "https://hooks.hospital.org/bora"
+    assert check_destination("https://HOOKS.hospital.org:8443/x?y=1", allowed) == "https://hooks.hospital.org:8443/x?y=1"
+    check_destination("https://hooks.hospital.org:443/", allowed)
     check_destination("https://a.b.clinic.example/", allowed)
     check_destination("http://127.0.0.1:8080/hook", allowed, allow_http_loopback=True)
     rejected = [
@@ -88,6 +93,8 @@ def test_allowlist():
         ("https://hooks.hospital.org.evil.org/", allowed),
         ("https://clinic.example/", allowed),  # *.suffix does not include the suffix itself
         ("https://xclinic.example/", allowed),
+        ("https://hooks.hospital.org:6379/", allowed),  # an allowed host, another port: not the webhook service
+        ("https://a.clinic.example:8443/", allowed),
         ("http://hooks.hospital.org/", allowed),  # https only
         ("http://127.0.0.1:8080/", allowed),  # http to loopback only when explicitly allowed
         ("http://hooks.hospital.org/", [*allowed]),
@@ -98,10 +105,21 @@ def test_allowlist():
         ("https://hooks.hospital.org:99999/", allowed),
         ("file:///etc/passwd", allowed),
         ("https://169.254.169.254/latest/meta-data", allowed),
+        # parsers disagree on whitespace and control characters: refused wherever they are
+        ("https://hooks.hos\tpital.org/", allowed),
+        ("https://hooks.hospital.org/\nx", allowed),
+        (" https://hooks.hospital.org/", allowed),
+        ("https://hooks.hospital.org/\x00", allowed),
     ]
     for url, hosts in rejected:
         with pytest.raises(DestinationRejected):
             check_destination(url, hosts)
+
+
+@pytest.mark.parametrize("entry", ["localhost:0", "host:70000", "host:port", "http://host", "a b", "host/path"])
+def test_malformed_allowlist_entries_fail_at_start_up(entry):
+    with pytest.raises(ValueError, match="BORA_WEBHOOK_ALLOWED_HOSTS entry"):
+        Settings(webhook_allowed_hosts=entry, webhook_secret="s")
 
 
 def test_backoff_covers_a_day():
@@ -189,15 +207,20 @@ def test_attempt_log_roundtrip(r):
     assert attempts(client, prefix, "nope") == []
 
 
+def _only(receiver: Receiver) -> list[tuple[str, int]]:
+    return [("127.0.0.1", receiver.server.server_port)]
+
+
 def test_failed_attempt_is_recorded_and_rescheduled_with_the_same_message(r):
     client, prefix = r
     queue = Queue(f"{prefix}-webhooks", connection=client)
     secret = tenant_webhook_secret("m", "t")
     common = dict(prefix=prefix, job_id="job-9", event="video.succeeded", secret=secret, msg_id="msg_9",
-                  allowed_hosts=["127.0.0.1"], allow_http_loopback=True, func="service.webhook_sender.send_webhook",
+                  allow_http_loopback=True, func="service.webhook_sender.send_webhook",
                   extra={"tenant": "t"}, timeout=5)
     with Receiver(503) as rx:
-        first = deliver_attempt(client, queue, payload={"id": "job-9"}, url=rx.url, attempt=1, **common)
+        first = deliver_attempt(client, queue, payload={"id": "job-9"}, url=rx.url, allowed_hosts=_only(rx),
+                              attempt=1, **common)
     assert not first["ok"] and first["next_attempt_in_s"] == BACKOFF_SECONDS[1]
     (scheduled_id,) = queue.scheduled_job_registry.get_job_ids()
     job = queue.fetch_job(scheduled_id)
@@ -206,7 +229,8 @@ def test_failed_attempt_is_recorded_and_rescheduled_with_the_same_message(r):
 
     # The retry (what the scheduled job will do) sends the identical body, and succeeds.
     with Receiver(200) as rx2:
-        second = deliver_attempt(client, queue, payload=job.kwargs["payload"], url=rx2.url, attempt=2, **common)
+        second = deliver_attempt(client, queue, payload=job.kwargs["payload"], url=rx2.url, allowed_hosts=_only(rx2),
+                              attempt=2, **common)
     assert second["ok"] and second["next_attempt_in_s"] is None
     assert rx.received[0][2] == rx2.received[0][2]
     verify(secret, rx2.received[0][1], rx2.received[0][2])
@@ -215,7 +239,8 @@ def test_failed_attempt_is_recorded_and_rescheduled_with_the_same_message(r):
 
     # Last attempt failing: recorded, no further retry.
     with Receiver(500) as rx3:
-        last = deliver_attempt(client, queue, payload={}, url=rx3.url, attempt=len(BACKOFF_SECONDS), **common)
+        last = deliver_attempt(client, queue, payload={}, url=rx3.url, allowed_hosts=_only(rx3),
+                              attempt=len(BACKOFF_SECONDS), **common)
     assert last["next_attempt_in_s"] is None
     assert len(queue.scheduled_job_registry.get_job_ids()) == 1
 

@@ -15,11 +15,11 @@ import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
 
-from service import jobstore
-from service.config import Settings
-from service.schemas import JobPayload, JobRecord, JobStatus, Stage, VideoInput, utcnow
-from service.storage import LocalStorage, Storage
-from tests.support import redis_or_skip
+from service.jobs import jobstore
+from service.jobs.config import Settings
+from service.jobs.schemas import JobPayload, JobRecord, JobStatus, Stage, VideoInput, utcnow
+from service.jobs.storage import LocalStorage, Storage
+from tests.support import require_redis
 from worker import jobs
 from worker.metrics import WorkerMetrics
 
@@ -29,7 +29,7 @@ WORKER_FUNCTION = "worker.jobs.run_video_job"
 
 @pytest.fixture
 def redis_conn() -> Redis:
-    return redis_or_skip(REDIS_URL)
+    return require_redis(REDIS_URL)
 
 
 class Env:

@@ -12,8 +12,8 @@ from typing import Any
 
 from redis import Redis
 
-from service import jobstore
-from service.schemas import JobStatus
+from service.jobs import jobstore
+from service.jobs.schemas import JobStatus
 
 
 def _audit_lines(caplog, job_id: str) -> list[dict[str, Any]]:
@@ -23,17 +23,29 @@ def _audit_lines(caplog, job_id: str) -> list[dict[str, Any]]:
 def test_queued_job_canceled_never_starts_and_the_worker_takes_the_next(env, runtime, caplog):
     caplog.set_level(logging.INFO)
     doomed, follower = env.submit(), env.submit(seed=8)
-    after = jobstore.request_cancel(env.r, doomed.job_id, prefix=env.prefix)
+    after, _ = jobstore.request_cancel(env.r, doomed.job_id, prefix=env.prefix)
     assert after.status == JobStatus.canceled  # at once: no worker involved
-    # The RQ entry is left in place on purpose: the worker must skip it by itself.
+    # Its RQ entry went in the same transaction: no worker ever sees it.
+    assert env.r.lpos(jobstore.Keys(env.prefix).rq_queue, doomed.job_id) is None
     env.work()
     record = env.record(doomed.job_id)
     assert record.status == JobStatus.canceled and record.error and record.error.code == "canceled"
     assert record.started_at is None and record.worker_id is None and record.attempts == 0
     assert record.step is None and record.outputs is None
-    events = [line["event"] for line in _audit_lines(caplog, doomed.job_id)]
-    assert "job.running" not in events and events == ["job.skipped"]
+    assert _audit_lines(caplog, doomed.job_id) == []
     assert env.record(follower.job_id).status == JobStatus.succeeded
+
+
+def test_a_worker_skips_a_canceled_job_it_dequeued_anyway(env, runtime, caplog):
+    """A worker may have taken the RQ entry just before the cancel: it must not start the job."""
+    caplog.set_level(logging.INFO)
+    doomed = env.submit(enqueue=False)
+    jobstore.request_cancel(env.r, doomed.job_id, prefix=env.prefix)
+    env.enqueue(doomed.model_dump(mode="json"), doomed.job_id)
+    env.work()
+    assert env.record(doomed.job_id).attempts == 0
+    events = [line["event"] for line in _audit_lines(caplog, doomed.job_id)]
+    assert events == ["job.skipped"]
 
 
 def test_running_job_canceled_mid_denoising_stops_within_one_step(env, runtime, caplog):
@@ -48,7 +60,7 @@ def test_running_job_canceled_mid_denoising_stops_within_one_step(env, runtime, 
         while time.monotonic() < deadline:
             job = jobstore.get(r, long.job_id, prefix=env.prefix)
             if job is not None and job.status == JobStatus.running and (job.step or 0) >= 20:
-                after = jobstore.request_cancel(r, long.job_id, prefix=env.prefix)
+                after, _ = jobstore.request_cancel(r, long.job_id, prefix=env.prefix)
                 seen.update(status=after.status, step=after.step, total=after.total_steps)
                 return
             time.sleep(0.002)

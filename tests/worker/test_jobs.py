@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from service import heartbeats, jobstore
-from service.errors import StorageError
-from service.schemas import JobStatus, Stage
-from service.storage import LocalStorage
+from service.jobs import heartbeats, jobstore
+from service.jobs.errors import StorageError
+from service.jobs.schemas import JobStatus, Stage
+from service.jobs.storage import LocalStorage
 from worker import jobs, lifecycle
 from worker.lifecycle import Heartbeat
 from worker.video import SYNTHETIC_LABEL, probe_mp4, read_mp4
@@ -47,11 +47,11 @@ def progress_log(monkeypatch):
     writes: list[dict[str, Any]] = []
     real = jobstore.update_progress
 
-    def spy(r, job_id, stage, step=None, total_steps=None, progress=None, eta_seconds=None, *, prefix):
+    def spy(r, job_id, stage, step=None, total_steps=None, progress=None, eta_seconds=None, *, prefix, token):
         writes.append(
             {"stage": stage, "step": step, "total": total_steps, "progress": progress, "eta": eta_seconds}
         )
-        return real(r, job_id, stage, step, total_steps, progress, eta_seconds, prefix=prefix)
+        return real(r, job_id, stage, step, total_steps, progress, eta_seconds, prefix=prefix, token=token)
 
     monkeypatch.setattr(lifecycle.jobstore, "update_progress", spy)
     return writes
@@ -96,7 +96,7 @@ def test_job_succeeds_end_to_end(env, runtime, progress_log, tiny_pipeline):
     assert (info["frames"], info["height"], info["width"], info["fps"]) == (9, 32, 48, 6.0)
     assert info["faststart"] and info["tags"]["comment"] == SYNTHETIC_LABEL
     assert out.video.url == f"/v1/videos/{payload.job_id}/content"
-    assert out.video.key == f"videos/{payload.job_id}/video.mp4"
+    assert out.video.key == f"videos/{payload.job_id}/1/video.mp4"  # attempt 1's own objects
     assert out.video.bytes == video_path.stat().st_size
     assert (out.video.frames, out.video.width, out.video.height, out.video.fps) == (9, 48, 32, 6)
     assert out.video.duration_s == pytest.approx(1.5)
@@ -209,8 +209,8 @@ def test_storage_fails_after_first_object_removes_it(env, make_runtime, tiny_pip
     storage = SidecarFails(env.settings.storage_dir)
     payload, record = env.run_one(make_runtime(tiny_pipeline, storage))
     assert record.error.code == "storage_error"
-    assert not storage.exists(f"videos/{payload.job_id}/video.mp4")
-    assert not storage.exists(f"videos/{payload.job_id}/thumbnail.jpg")
+    assert not storage.exists(f"videos/{payload.job_id}/1/video.mp4")
+    assert not storage.exists(f"videos/{payload.job_id}/1/thumbnail.jpg")
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from service import heartbeats, jobstore
-from service.errors import InvalidTransition
-from service.schemas import (
+from service.jobs import heartbeats, jobstore
+from service.jobs.errors import InvalidTransition
+from service.jobs.schemas import (
     FileOutput,
     JobStatus,
     JobWarning,

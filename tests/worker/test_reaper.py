@@ -7,8 +7,8 @@ import time
 
 from rq.registry import StartedJobRegistry
 
-from service import heartbeats, jobstore, reaper
-from service.schemas import (
+from service.jobs import heartbeats, jobstore, reaper
+from service.jobs.schemas import (
     JobStatus,
     Outputs,
     Timings,
@@ -17,7 +17,7 @@ from service.schemas import (
     WorkerState,
     content_url,
 )
-from service.storage import LocalStorage, output_key
+from service.jobs.storage import LocalStorage, output_key
 
 
 def _start_on(env, job_id: str, worker_id: str) -> None:
@@ -93,23 +93,29 @@ def test_reaper_thread_runs_every_interval(env):
 
 
 def test_deferred_deletes_wait_for_the_job_to_end(env, tmp_path):
-    """Objects a failed job could not delete are deleted later — unless the job ran again and succeeded."""
+    """Noted objects are deleted once their job has ended - except those its succeeded record points at."""
     storage = LocalStorage(tmp_path / "objects")
     failed, rerun = env.submit(enqueue=False), env.submit(enqueue=False)
-    for job_id in (failed.job_id, rerun.job_id):
-        storage.put_bytes(output_key(job_id, "video.mp4"), b"v", "video/mp4")
-        reaper.defer_delete(env.r, env.prefix, job_id, output_key(job_id, "video.mp4"))
+    lost_run, good_run = output_key(rerun.job_id, "video.mp4", 1), output_key(rerun.job_id, "video.mp4", 2)
+    for job_id, key in ((failed.job_id, output_key(failed.job_id, "video.mp4", 1)), (rerun.job_id, lost_run),
+                        (rerun.job_id, good_run)):
+        storage.put_bytes(key, b"v", "video/mp4")
+        reaper.defer_delete(env.r, env.prefix, job_id, key)
     assert reaper.purge_orphans(env.r, env.settings, storage) == []  # both still queued
-    jobstore.mark_running(env.r, failed.job_id, "w", prefix=env.prefix)
-    jobstore.mark_failed(env.r, failed.job_id, "storage_error", "s3 down", True, prefix=env.prefix)
-    assert reaper.purge_orphans(env.r, env.settings, storage) == [output_key(failed.job_id, "video.mp4")]
-    assert not storage.exists(output_key(failed.job_id, "video.mp4"))
-    jobstore.mark_running(env.r, rerun.job_id, "w", prefix=env.prefix)
+    token = jobstore.mark_running(env.r, failed.job_id, "w", prefix=env.prefix).token
+    jobstore.mark_failed(env.r, failed.job_id, "storage_error", "s3 down", True, prefix=env.prefix, token=token,
+                         actor=token)
+    assert reaper.purge_orphans(env.r, env.settings, storage) == [output_key(failed.job_id, "video.mp4", 1)]
+    assert not storage.exists(output_key(failed.job_id, "video.mp4", 1))
+    jobstore.mark_running(env.r, rerun.job_id, "w", prefix=env.prefix)  # attempt 1: lost mid-upload
+    jobstore.mark_requeued(env.r, rerun.job_id, prefix=env.prefix, token=None, actor="test")
+    token = jobstore.mark_running(env.r, rerun.job_id, "w", prefix=env.prefix).token
+    assert token == "w:2"
     video = VideoOutput(
-        url=content_url(rerun.job_id), key=output_key(rerun.job_id, "video.mp4"), bytes=1,
+        url=content_url(rerun.job_id), key=good_run, bytes=1,
         content_type="video/mp4", sha256="00" * 32, width=32, height=32, frames=1, fps=8, duration_s=0.125,
     )  # fmt: skip
-    jobstore.mark_succeeded(env.r, rerun.job_id, Outputs(video=video), Timings(), prefix=env.prefix)
-    assert reaper.purge_orphans(env.r, env.settings, storage) == []  # its re-run wrote them: they stay
-    assert storage.exists(output_key(rerun.job_id, "video.mp4"))
-    assert env.r.hlen(reaper.orphans_key(env.prefix)) == 0
+    jobstore.mark_succeeded(env.r, rerun.job_id, Outputs(video=video), Timings(), prefix=env.prefix, token=token)
+    assert reaper.purge_orphans(env.r, env.settings, storage) == [lost_run]  # the lost run's; not the record's
+    assert storage.exists(good_run) and not storage.exists(lost_run)
+    assert env.r.hlen(jobstore.Keys(env.prefix).orphans) == 0

@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-from service.schemas import JobStatus
-from service.storage import S3Storage
+from service.jobs.schemas import JobStatus
+from service.jobs.storage import S3Storage
 from tests.support import moto_s3
 from worker.video import SYNTHETIC_LABEL, probe_mp4
 

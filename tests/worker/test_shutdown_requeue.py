@@ -11,9 +11,9 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 
-from service import jobstore, queueing
-from service.schemas import JobStatus
-from service.storage import LocalStorage
+from service.jobs import jobstore, queueing
+from service.jobs.schemas import JobStatus
+from service.jobs.storage import LocalStorage
 from worker import jobs
 from worker.main import BoraWorker
 

@@ -66,6 +66,12 @@ def test_rejects_bad_metadata_key(tmp_path):
         encode_mp4(_frames(2, 64, 64), 8, tmp_path / "v.mp4", {"bad key=": "x"})
 
 
+def test_control_characters_in_tags_never_reach_ffmpeg(tmp_path):
+    path = tmp_path / "v.mp4"
+    encode_mp4(_frames(2, 64, 64), 8, path, {"title": "heart\x00beat\nline\x1b[31m red"})
+    assert probe_mp4(path)["tags"]["title"] == "heart beat line [31m red"
+
+
 def test_thumbnail_is_jpeg(tmp_path):
     import imageio.v3 as iio
 

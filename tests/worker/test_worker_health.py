@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from service.schemas import WorkerState
+from service.jobs.schemas import WorkerState
 from tests.support import free_port
 from worker.lifecycle import Heartbeat
 from worker.main import unhealthy

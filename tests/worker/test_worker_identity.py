@@ -16,8 +16,8 @@ from pathlib import Path
 
 from rq.registry import StartedJobRegistry
 
-from service import heartbeats, jobstore
-from service.schemas import JobStatus, WorkerHeartbeat, WorkerState
+from service.jobs import heartbeats, jobstore
+from service.jobs.schemas import JobStatus, WorkerHeartbeat, WorkerState
 from worker import main
 from worker.lifecycle import default_worker_id
 
