@@ -9,6 +9,7 @@ The quirks reproduced here are numbered as in `shared/reference/README.md` ("Ups
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,8 +56,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_hw: tuple[int, int], scale: flo
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """PixArt's adaLN-single modulation `x * (1 + scale) + shift` (README item 5)."""
-    return x * (1 + scale) + shift
+    """PixArt's adaLN-single modulation `x * (1 + scale) + shift` (README item 5), as one fused pass over x."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def layer_norm(hidden_size: int) -> nn.LayerNorm:
@@ -111,7 +112,8 @@ class PatchEmbed3D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the second axis of [B', L, D] (spatial or temporal in STDiT)."""
+    """Multi-head self-attention: over the second axis of [B', L, D] (`forward`, spatial in STDiT) or over
+    the frames of a [B, T*S, D] token grid read in place (`temporal`)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -130,14 +132,49 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(batch, length, dim)  # [B', L, D]
         return self.proj(x)
 
+    def temporal(self, x: torch.Tensor, num_frames: int, tpe: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention across the T frames at each of the S sites of x [B, T*S, D] -> [B, T*S, D].
+
+        Upstream rearranges to [(B S), T, D] and back; the projections don't care about token order, so
+        here q, k, v are strided views of one qkv product and only the attention output is copied once.
+        `tpe` [1, T, D] is added to the attention input only (block 0, README item 2).
+        """
+        batch, num_tokens, dim = x.shape
+        spatial = num_tokens // num_frames
+        if tpe is not None:
+            x = (x.view(batch, num_frames, spatial, dim) + tpe[:, :, None]).view(batch, num_tokens, dim)
+        qkv = self.qkv(x).view(batch, num_frames, spatial, 3, self.num_heads, self.head_dim)  # [B,T,S,3,H,hd]
+        q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).unbind(0)  # each [B, S, H, T, hd] (strided)
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, S, H, T, hd]
+        x = x.permute(0, 3, 1, 2, 4).reshape(batch, num_tokens, dim)  # [B, T*S, D], one copy
+        return self.proj(x)
+
+
+@dataclass
+class CaptionKV:
+    """One block's cross-attention keys and values for a batch of captions: a function of the caption only,
+    so a sampler computes it once per video instead of once per step.
+
+    Samples are grouped by their number of kept caption tokens, so every group attends to exactly its
+    valid tokens with no padding and no mask (upstream packs them with a block-diagonal mask, README
+    item 7). `rows[g]` holds the batch rows of group g; None when one group covers the batch in order.
+
+    `folded`: keys[g] = scale·W_q,hᵀ·K_hᵀ per head [G, D, H·L], values[g] = V_h·W_proj,hᵀ [G, H·L, D] and
+    key_bias[g] = scale·b_q,h·K_hᵀ [G, 1, H·L], so the attention is `softmax_L(x·A + b)·P + b_proj`: the
+    same sums in another order, with no q or output projection per step. Cheaper when H·L < D (short
+    captions). Otherwise keys[g], values[g] are K, V [G, H, L, hd] and q_linear / proj run per step.
+    """
+
+    rows: list[torch.Tensor] | None
+    lengths: list[int]
+    folded: bool
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_bias: list[torch.Tensor]
+
 
 class MultiHeadCrossAttention(nn.Module):
-    """Image tokens attend to caption tokens (README item 7).
-
-    Upstream packs the kept caption tokens of all samples into one sequence and uses a block-diagonal
-    mask. Here each sample's queries attend to its own L caption tokens with `keep[b]` masking the
-    dropped ones: the same softmax over the same keys, without packing.
-    """
+    """Image tokens attend to caption tokens (README item 7): `prepare` once per caption, `forward` per step."""
 
     def __init__(self, d_model: int, num_heads: int):
         super().__init__()
@@ -149,21 +186,79 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(d_model, d_model * 2)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, N, D]; cond [B, L, D]; attn_mask bool [B, 1, 1, L] (True = keep) or None (keep all)."""
-        batch, num_tokens, dim = x.shape
-        length = cond.shape[1]
-        q = self.q_linear(x).view(batch, num_tokens, self.num_heads, self.head_dim)  # [B, N, H, hd]
-        kv = self.kv_linear(cond).view(batch, length, 2, self.num_heads, self.head_dim)  # [B, L, 2, H, hd]
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
-        x = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)  # [B, H, N, hd]
-        x = x.transpose(1, 2).reshape(batch, num_tokens, dim)  # [B, N, D]
+    def prepare(self, groups: list[torch.Tensor], rows: list[torch.Tensor] | None,
+                fold: bool | None = None) -> CaptionKV:
+        """groups[g]: the kept caption tokens [G, L_g, D] of the samples `rows[g]`. fold=None picks the
+        cheaper form (folded when H·L < D for every group)."""
+        heads, head_dim = self.num_heads, self.head_dim
+        dim = heads * head_dim
+        if fold is None:
+            fold = heads * max(g.shape[1] for g in groups) < dim
+        keys, values, key_bias = [], [], []
+        for tokens in groups:
+            size, length, _ = tokens.shape
+            k, v = self.kv_linear(tokens).view(size, length, 2, heads, head_dim).unbind(2)  # each [G, L, H, hd]
+            if not fold:
+                keys.append(k.transpose(1, 2))  # [G, H, L, hd]
+                values.append(v.transpose(1, 2))
+                continue
+            # folded in at least fp32 whatever the model dtype, then cast: they are reused for every step
+            work = torch.promote_types(tokens.dtype, torch.float32)
+            scale = head_dim**-0.5
+            k32, v32 = k.to(work), v.to(work)
+            w_q = self.q_linear.weight.to(work).view(heads, head_dim, dim)  # [H, hd, D]
+            b_q = self.q_linear.bias.to(work).view(heads, head_dim)  # [H, hd]
+            w_p = self.proj.weight.to(work).view(dim, heads, head_dim)  # [D, H, hd]
+            keys.append((torch.einsum("hed,glhe->gdhl", w_q, k32) * scale)
+                        .reshape(size, dim, heads * length).to(tokens.dtype))  # [G, D, H*L]
+            key_bias.append((torch.einsum("he,glhe->ghl", b_q, k32) * scale)
+                            .reshape(size, 1, heads * length).to(tokens.dtype))  # [G, 1, H*L]
+            values.append(torch.einsum("glhe,dhe->ghld", v32, w_p)
+                          .reshape(size, heads * length, dim).to(tokens.dtype))  # [G, H*L, D]
+        return CaptionKV(rows=rows, lengths=[g.shape[1] for g in groups], folded=fold,
+                         keys=keys, values=values, key_bias=key_bias)
+
+    def forward(self, x: torch.Tensor, caption: CaptionKV) -> torch.Tensor:
+        """x [B, N, D] -> [B, N, D]."""
+        if caption.rows is None:
+            return self._attend(x, caption, 0)
+        out = torch.empty_like(x)
+        for group, rows in enumerate(caption.rows):
+            out[rows] = self._attend(x[rows], caption, group)
+        return out
+
+    def _attend(self, x: torch.Tensor, caption: CaptionKV, group: int) -> torch.Tensor:
+        size, num_tokens, dim = x.shape
+        if caption.folded:
+            length = caption.lengths[group]
+            scores = torch.baddbmm(caption.key_bias[group], x, caption.keys[group])  # [G, N, H*L]
+            scores = scores.view(size, num_tokens, self.num_heads, length)  # [G, N, H, L]
+            probs = scores.softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)  # >= fp32
+            probs = probs.view(size, num_tokens, self.num_heads * length)  # [G, N, H*L]
+            return torch.baddbmm(self.proj.bias, probs, caption.values[group])  # [G, N, D]
+        q = self.q_linear(x).view(size, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # [G,H,N,hd]
+        x = F.scaled_dot_product_attention(q, caption.keys[group], caption.values[group])  # [G, H, N, hd]
+        x = x.transpose(1, 2).reshape(size, num_tokens, dim)  # [G, N, D]
         return self.proj(x)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Conditioning embedders and the output head
 # ---------------------------------------------------------------------------------------------------
+
+
+_FREQUENCIES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def timestep_frequencies(half: int, max_period: int, device: torch.device) -> torch.Tensor:
+    """`f_k = exp(-ln(max_period)·k/half)` [half] fp32 on `device`. Built on the CPU and then moved, as upstream
+    does, so every device sees the same values; cached per device, so a step copies nothing from the host
+    (which a captured CUDA graph could not replay)."""
+    key = (half, max_period, device)
+    if key not in _FREQUENCIES:
+        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+        _FREQUENCIES[key] = freqs.to(device)
+    return _FREQUENCIES[key]
 
 
 class TimestepEmbedder(nn.Module):
@@ -182,9 +277,7 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
         """GLIDE sinusoids `[cos(t·f_k), sin(t·f_k)]`, `f_k = exp(-ln(max_period)·k/half)`, always fp32."""
         half = dim // 2
-        # Built on the CPU and then moved, as upstream does, so every device sees the same fp32 values.
-        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
-        freqs = freqs.to(device=t.device)  # [half]
+        freqs = timestep_frequencies(half, max_period, t.device)  # [half]
         args = t[:, None].float() * freqs[None]  # [B, half]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2*half]
         if dim % 2:

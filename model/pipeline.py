@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,10 @@ from model.stdit import STDiT
 from model.text_encoder import T5TextEncoder
 from model.vae import VideoVAE
 
+logger = logging.getLogger(__name__)
+
 MODEL_INDEX = "model_index.json"
+T5_SHAPE_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 MAX_FRAMES = 128
 MAX_SIDE = 1024
@@ -55,6 +59,25 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
+def _auto_text_encoder_device(path: Path, device: torch.device, defaults: GenerationDefaults,
+                              text_encoder_dtype: torch.dtype) -> torch.device:
+    """The transformer's device, unless it is a CUDA device on which T5 does not fit (then the CPU)."""
+    if device.type != "cuda":
+        return device
+    from model.memory import plan
+
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    t5_config = json.loads((path / "text_encoder" / "config.json").read_text())
+    result = plan(torch.cuda.get_device_properties(device).total_memory,
+                  {k: v for k, v in config.items() if not k.startswith("_")},
+                  defaults.num_frames, defaults.height, defaults.width, text_encoder_dtype=text_encoder_dtype,
+                  t5_config={k: t5_config[k] for k in T5_SHAPE_KEYS if k in t5_config})
+    if result.text_encoder_on_device:
+        return device
+    logger.info("text encoder placed on the CPU: %s", "; ".join(result.advice))
+    return torch.device("cpu")
+
+
 class BoraPipeline:
     def __init__(
         self,
@@ -73,6 +96,7 @@ class BoraPipeline:
         self.weights_sha256 = weights_sha256
         # The null caption for guidance is the model's learned `y_embedding` (upstream `null(n)`).
         self.text_encoder.set_null(transformer.y_embedder.y_embedding)
+        self.denoiser = transformer  # what the sampler calls each step (see `accelerate`)
 
     @property
     def device(self) -> torch.device:
@@ -96,6 +120,20 @@ class BoraPipeline:
             "max_tokens": self.text_encoder.model_max_length,
         }
 
+    def accelerate(self, compile: bool = False, cuda_graphs: bool = False) -> None:
+        """Choose how each denoising step runs: eager (default), `torch.compile` (the first video per shape
+        pays the compile), or replayed CUDA graphs per fixed shape (CUDA only). Same maths either way."""
+        if compile and cuda_graphs:
+            raise InvalidInput("choose torch.compile or CUDA graphs, not both")
+        if cuda_graphs:
+            from model.cuda_graphs import CUDAGraphSTDiT
+
+            self.denoiser = CUDAGraphSTDiT(self.transformer)
+        elif compile:
+            self.denoiser = torch.compile(self.transformer, dynamic=False)
+        else:
+            self.denoiser = self.transformer
+
     # -- persistence ------------------------------------------------------------------------------------
 
     @classmethod
@@ -108,7 +146,9 @@ class BoraPipeline:
         text_encoder_dtype: torch.dtype = torch.float32,
     ) -> BoraPipeline:
         """Load a pipeline folder. T5 may stay on the CPU (`text_encoder_device="cpu"`): T5-XXL is ~19 GB in
-        fp32 and overflows in fp16, so only its embeddings are moved to the transformer's device."""
+        fp32 and overflows in fp16, so only its embeddings are moved to the transformer's device. The default
+        (None or "auto") puts T5 on a CUDA device only when `model.memory.plan` says it fits there next to the
+        DiT and VAE at the folder's default shape, else on the CPU."""
         path = Path(path)
         index_file = path / MODEL_INDEX
         if not index_file.is_file():
@@ -116,7 +156,11 @@ class BoraPipeline:
         index = json.loads(index_file.read_text())
         device = torch.device(device) if device is not None else default_device()
         dtype = torch_dtype or default_dtype(device)
-        text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else device
+        scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
+        defaults = GenerationDefaults(**scheduler["defaults"])
+        if text_encoder_device in (None, "auto"):
+            text_encoder_device = _auto_text_encoder_device(path, device, defaults, text_encoder_dtype)
+        text_encoder_device = torch.device(text_encoder_device)
 
         weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
         transformer = load_stdit(path / "transformer", device=device, dtype=dtype)
@@ -125,8 +169,6 @@ class BoraPipeline:
             output_device=device, output_dtype=dtype,
         )
         vae = VideoVAE.from_pretrained(path / "vae", device=device, dtype=dtype)
-        scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
-        defaults = GenerationDefaults(**scheduler["defaults"])
         return cls(transformer, text_encoder, vae, defaults, name=index.get("name", "bora"),
                    weights_sha256=file_sha256(weights))
 
@@ -241,7 +283,7 @@ class BoraPipeline:
             def step_callback(step_index: int, total: int, timestep: int) -> None:
                 callback_on_step_end(self, step_index, timestep, total)
         latents = scheduler.sample(
-            self._model_fn, latents, y, y_null, mask, generators,
+            self.denoiser, latents, y, y_null, mask, generators,
             callback=step_callback, should_cancel=should_cancel,
         )
 
@@ -251,11 +293,6 @@ class BoraPipeline:
             frames=frames, seeds=seeds,
             token_counts=[count for count, _ in token_info], truncated=[cut for _, cut in token_info],
         )
-
-    def _model_fn(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
-        """The sampler keeps latents in fp32; the transformer runs in the pipeline dtype and returns fp32."""
-        return self.transformer(x.to(self.dtype), timestep, y, mask)
 
     def _generators(self, n: int, generator, seed) -> tuple[torch.Generator | list[torch.Generator],
                                                                 list[int | None]]:

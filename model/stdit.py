@@ -7,8 +7,13 @@ spatial site, cross-attention to the caption and an MLP, all modulated by the ti
 The numbered quirks cited below are those of `shared/reference/README.md` ("Upstream behaviour").
 
 Differences from upstream, none of which changes the maths of an fp32 eval forward:
-- attention is `scaled_dot_product_attention`; cross-attention masks per sample instead of packing
-  captions into one block-diagonal sequence (README item 7);
+- attention is `scaled_dot_product_attention`;
+- the caption path (caption MLP, packing of the kept tokens, every block's cross-attention keys and
+  values) is `prepare_condition`, which a sampler runs once per video and passes to every step as `y`;
+  samples with equal kept-token counts attend together without padding or a block-diagonal mask
+  (README item 7), and for short captions the q and output projections are folded into the keys and
+  values (`CaptionKV`);
+- temporal attention reads the token grid in place instead of rearranging to [(B S), T, D] and back;
 - any latent grid divisible by the patch works: the sin/cos tables are rebuilt (and cached) for grids
   other than `input_size` instead of failing to broadcast;
 - the model dtype is the parameters' dtype (`model.to(dtype)`), not a constructor argument; timesteps
@@ -18,6 +23,8 @@ Differences from upstream, none of which changes the maths of an fp32 eval forwa
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +36,7 @@ from model.errors import InvalidInput
 from model.layers import (
     Attention,
     CaptionEmbedder,
+    CaptionKV,
     DropPath,
     Mlp,
     MultiHeadCrossAttention,
@@ -43,6 +51,16 @@ from model.layers import (
 
 # Grids other than the configured one get their own tables; keep a few (one per requested video size).
 _POS_EMBED_CACHE_SIZE = 8
+
+
+@dataclass
+class CaptionCondition:
+    """Everything a forward needs from the captions, computed once per video by `STDiT.prepare_condition`:
+    the caption MLP output packed to its kept tokens and every block's cross-attention keys and values.
+    A sampler passes it as `y` to each step (the caption does not change over a sampling run)."""
+
+    batch: int
+    blocks: list[CaptionKV]
 
 
 class STDiTBlock(nn.Module):
@@ -62,44 +80,45 @@ class STDiTBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        y: torch.Tensor,
+        caption: CaptionKV,
         t0: torch.Tensor,
-        y_attn_mask: torch.Tensor | None,
         num_frames: int,
-        num_spatial: int,
         tpe: torch.Tensor | None = None,
+        guidance_pairs: bool = False,
     ) -> torch.Tensor:
-        """x [B, T*S, D]; y [B, L, D]; t0 [B, 6D]; y_attn_mask bool [B, 1, 1, L] or None; tpe [1, T, D]."""
+        """x [B, T*S, D]; caption: this block's prepared keys/values; t0 [B, 6D]; tpe [1, T, D] (block 0).
+
+        guidance_pairs: x and t0 hold one row per guidance pair (n rows for a 2n-row caption); both halves of
+        a pair have the same input, so the self-attentions run once and the rows are doubled before the
+        cross-attention, the first place where the halves differ. Returns [2n, T*S, D] then.
+        """
         batch, num_tokens, dim = x.shape
-        frames, spatial = num_frames, num_spatial
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t0.reshape(batch, 6, -1)  # [B, 6, D]
-        ).chunk(6, dim=1)  # each [B, 1, D]
+        modulation = (self.scale_shift_table[None] + t0.reshape(batch, 6, -1))  # [B, 6, D]
+        shift_msa, scale_msa, gate_msa, _, _, _ = modulation.chunk(6, dim=1)  # each [B, 1, D]
 
         # spatial attention: over the S tokens of each frame
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # [B, T*S, D]
-        x_s = x_m.reshape(batch * frames, spatial, dim)  # [B*T, S, D]
-        x_s = self.attn(x_s)
-        x_s = x_s.reshape(batch, num_tokens, dim)  # [B, T*S, D]
-        x = x + self.drop_path(gate_msa * x_s)
+        x_s = self.attn(x_m.view(batch * num_frames, num_tokens // num_frames, dim))  # [B*T, S, D]
+        x = self._gated_residual(x, gate_msa, x_s.view(batch, num_tokens, dim))
 
         # temporal attention: over the T tokens of each spatial site; raw residual input, same gate_msa
-        x_t = x.reshape(batch, frames, spatial, dim).transpose(1, 2)  # [B, S, T, D]
-        x_t = x_t.reshape(batch * spatial, frames, dim)  # [B*S, T, D]
-        if tpe is not None:
-            x_t = x_t + tpe  # block 0 only, and only into this attention's input (README item 2)
-        x_t = self.attn_temp(x_t)
-        x_t = x_t.reshape(batch, spatial, frames, dim).transpose(1, 2)  # [B, T, S, D]
-        x_t = x_t.reshape(batch, num_tokens, dim)  # [B, T*S, D]
-        x = x + self.drop_path(gate_msa * x_t)
+        x = self._gated_residual(x, gate_msa, self.attn_temp.temporal(x, num_frames, tpe))
+        if guidance_pairs:
+            x, modulation = torch.cat([x, x]), torch.cat([modulation, modulation])  # [2n, T*S, D], [2n, 6, D]
+        _, _, _, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
 
         # cross-attention to the caption: no norm, no modulation, no gate
-        x = x + self.cross_attn(x, y, y_attn_mask)
+        x = x + self.cross_attn(x, caption)
 
         # MLP
         x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
-        x = x + self.drop_path(gate_mlp * self.mlp(x_m))
-        return x
+        return self._gated_residual(x, gate_mlp, self.mlp(x_m))
+
+    def _gated_residual(self, x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`x + drop_path(gate * out)`; one fused pass when drop-path is inactive (always in eval)."""
+        if self.training and self.drop_path.drop_prob > 0:
+            return x + self.drop_path(gate * out)
+        return torch.addcmul(x, gate, out)
 
 
 class STDiT(ModelMixin, ConfigMixin):
@@ -242,7 +261,7 @@ class STDiT(ModelMixin, ConfigMixin):
         self,
         x: torch.Tensor,
         timestep: torch.Tensor,
-        y: torch.Tensor,
+        y: torch.Tensor | CaptionCondition,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict noise (and the variance interpolation when `pred_sigma`).
@@ -250,7 +269,11 @@ class STDiT(ModelMixin, ConfigMixin):
         Args:
             x: latent video [B, C, T, H, W]; T, H, W divisible by `patch_size`.
             timestep: diffusion timesteps [B] (any numeric dtype).
-            y: caption embeddings [B, 1, L, Cy].
+            y: caption embeddings [B, 1, L, Cy], or the `CaptionCondition` that `prepare_condition` made
+                from them (then `mask` was given there). A condition of 2B rows with B latents means
+                guidance pairs: caption rows b and b+B both see latent b and timestep b (upstream's
+                `cat([x, x])`), and the output has 2B rows; the self-attentions of block 0, which see
+                only the shared input, run once per pair.
             mask: caption mask [B', L] with 0/1 values (or None = all tokens kept). When B' < B the mask
                 is repeated along the batch (upstream's `mask.repeat`, README item 8).
 
@@ -259,8 +282,17 @@ class STDiT(ModelMixin, ConfigMixin):
         """
         dtype = self.dtype
         x = x.to(dtype)
-        y = y.to(dtype)
         batch = x.shape[0]
+        if isinstance(y, CaptionCondition):
+            if mask is not None:
+                raise InvalidInput("a prepared caption condition already holds its mask; pass mask=None")
+            caption = y
+        else:
+            caption = self.prepare_condition(y, mask)
+        guidance_pairs = caption.batch == 2 * batch  # rows b and b+n of the caption share latent b
+        if caption.batch != batch and not guidance_pairs:
+            raise InvalidInput(f"caption condition for a batch of {caption.batch}, latents for {batch}")
+        timestep = timestep[:batch]  # with guidance pairs, both halves of a pair share the timestep
         grid = self._patch_grid(x.shape)
         num_frames, grid_h, grid_w = grid
         num_spatial = grid_h * grid_w
@@ -268,21 +300,53 @@ class STDiT(ModelMixin, ConfigMixin):
 
         # embeddings
         x = self.x_embedder(x)  # [B, N, D], N = T*S
-        x = x.reshape(batch, num_frames, num_spatial, self.hidden_size)  # [B, T, S, D]
-        x = x + pos_embed
-        x = x.reshape(batch, num_frames * num_spatial, self.hidden_size)  # [B, N, D]
+        x = x.unflatten(1, (num_frames, num_spatial)) + pos_embed  # [B, T, S, D]
+        x = x.view(batch, num_frames * num_spatial, self.hidden_size)  # [B, N, D]
 
         t = self.t_embedder(timestep, dtype=x.dtype)  # [B, D]
         t0 = self.t_block(t)  # [B, 6D]
-        y, y_attn_mask = self._embed_caption(y, mask, batch)  # [B, L, D], bool [B, 1, 1, L] or None
 
         for i, block in enumerate(self.blocks):
-            tpe = pos_embed_temporal if i == 0 else None
-            x = block(x, y, t0, y_attn_mask, num_frames, num_spatial, tpe)  # [B, N, D]
+            if i == 0:
+                x = block(x, caption.blocks[0], t0, num_frames, pos_embed_temporal, guidance_pairs)  # [B', N, D]
+                if guidance_pairs:
+                    t, t0 = torch.cat([t, t]), torch.cat([t0, t0])  # [2n, D], [2n, 6D]
+            else:
+                x = block(x, caption.blocks[i], t0, num_frames)  # [B', N, D]
 
         x = self.final_layer(x, t)  # [B, N, pt*ph*pw*C_out]
         x = self.unpatchify(x, grid)  # [B, C_out, T, H, W]
         return x.to(torch.float32)
+
+    def prepare_condition(
+        self, y: torch.Tensor, mask: torch.Tensor | None = None, fold: bool | None = None
+    ) -> CaptionCondition:
+        """The caption part of a forward, done once: caption MLP on all L tokens, the tokens with mask≠0
+        kept (any positions, README item 7), and each block's cross-attention keys/values over them.
+
+        y [B, 1, L, Cy]; mask [B', L] (repeated along the batch when B' < B, README item 8) or None.
+        `fold` forces the cross-attention form (see `CaptionKV`); None picks the cheaper one.
+        """
+        if y.ndim != 4 or y.shape[1] != 1:
+            raise InvalidInput(f"expected captions [B, 1, L, C], got {list(y.shape)}")
+        batch, _, length, _ = y.shape
+        tokens = self.y_embedder(y.to(self.dtype)).squeeze(1)  # [B, 1, L, D] -> [B, L, D]
+        if mask is None:
+            groups, rows = [tokens], None
+        else:
+            keep = self._caption_keep(mask, batch, length).to(tokens.device)  # bool [B, L]
+            counts = keep.sum(1).tolist()
+            if min(counts) == 0:
+                raise InvalidInput("every caption mask must keep at least one token")
+            by_count: dict[int, list[int]] = {}
+            for row, count in enumerate(counts):
+                by_count.setdefault(count, []).append(row)
+            groups = [tokens[members][keep[members]].view(len(members), count, -1)  # [G, L_g, D]
+                      for count, members in by_count.items()]
+            rows = None if len(by_count) == 1 else [
+                torch.tensor(members, device=tokens.device) for members in by_count.values()]
+        blocks = [block.cross_attn.prepare(groups, rows, fold) for block in self.blocks]
+        return CaptionCondition(batch=batch, blocks=blocks)
 
     def forward_with_cfg(
         self,
@@ -322,24 +386,15 @@ class STDiT(ModelMixin, ConfigMixin):
             raise InvalidInput(f"latent size (T, H, W)={size} is not divisible by patch {self.patch_size}")
         return tuple(s // p for s, p in zip(size, self.patch_size, strict=True))
 
-    def _embed_caption(
-        self, y: torch.Tensor, mask: torch.Tensor | None, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Caption MLP on all L tokens, plus the boolean key mask of the kept tokens (README item 7)."""
-        if y.ndim != 4 or y.shape[0] != batch or y.shape[1] != 1:
-            raise InvalidInput(f"expected captions [{batch}, 1, L, C], got {list(y.shape)}")
-        y = self.y_embedder(y).squeeze(1)  # [B, 1, L, D] -> [B, L, D]
-        if mask is None:
-            return y, None
+    @staticmethod
+    def _caption_keep(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """Bool [B, L] of the kept caption tokens; a [B', L] mask with B' < B is repeated (README item 8)."""
         mask = mask.reshape(mask.shape[0], -1)  # [B', L] (also accepts upstream's [B', 1, 1, L])
-        if mask.shape[1] != y.shape[1] or batch % mask.shape[0]:
-            raise InvalidInput(f"mask {list(mask.shape)} does not fit captions {[batch, y.shape[1]]}")
+        if mask.shape[1] != length or batch % mask.shape[0]:
+            raise InvalidInput(f"mask {list(mask.shape)} does not fit captions {[batch, length]}")
         if mask.shape[0] != batch:
             mask = mask.repeat(batch // mask.shape[0], 1)  # [B, L]; the null half reuses the prompt masks
-        keep = mask.to(y.device) != 0  # [B, L]
-        if bool(keep.all()):
-            return y, None  # identical maths; keeps an all-ones mask bitwise equal to mask=None
-        return y, keep[:, None, None, :]  # [B, 1, 1, L], broadcast over heads and queries
+        return mask != 0
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, Nt*Nh*Nw, pt*ph*pw*C_out] (channel fastest) -> [B, C_out, Nt*pt, Nh*ph, Nw*pw]."""

@@ -135,6 +135,50 @@ def submit(ctx: typer.Context) -> None:
 
 
 @app.command()
+def doctor(
+    gpu_memory: Annotated[float | None, typer.Option(
+        help="Device memory in GiB (default: the visible CUDA device's; required without one)")] = None,
+    frames: Annotated[int, typer.Option(help="Frames per video")] = 40,
+    height: Annotated[int, typer.Option()] = 256,
+    width: Annotated[int, typer.Option()] = 256,
+    prompts: Annotated[int, typer.Option(help="Videos generated together (a batch)")] = 1,
+    vae_frames_per_call: Annotated[int, typer.Option(help="Frames per VAE decode call")] = 4,
+    model: Annotated[Path | None, typer.Option(
+        help="Pipeline folder whose transformer config to plan for (default: Bora's STDiT-XL/2)")] = None,
+) -> None:
+    """Say whether a GPU of a given memory can serve a video shape, and how (where T5 goes, VAE chunking)."""
+    import torch
+
+    from model.memory import gib, plan
+    from model.presets import BORA_STDIT
+
+    if gpu_memory is None:
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("no CUDA device visible: pass --gpu-memory GIB", param_hint="--gpu-memory")
+        device_bytes = torch.cuda.get_device_properties(0).total_memory
+    else:
+        device_bytes = int(gpu_memory * 2**30)
+    config = dict(BORA_STDIT)
+    if model is not None:
+        config_file = model / "transformer" / "config.json"
+        if not config_file.is_file():
+            raise typer.BadParameter(f"{config_file} not found", param_hint="--model")
+        config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+    result = plan(device_bytes, config, frames, height, width, prompts=prompts,
+                  vae_frames_per_call=vae_frames_per_call)
+    typer.echo(f"device {gib(device_bytes)}; {prompts} x {frames} frames {width}x{height}, fp16 DiT and VAE, "
+               f"guidance batch {2 * prompts}")
+    for stage in result.stages:
+        place = "cpu" if stage.stage == "text_encoder" and not result.text_encoder_on_device else "gpu"
+        typer.echo(f"  {stage.stage:<13} {place}  weights {gib(stage.weights):>10}  "
+                   f"peak activations {gib(stage.activations):>10}")
+    typer.echo(f"  peak on the device: {gib(result.peak)} (+ CUDA context)")
+    typer.echo(("fits" if result.fits else "does NOT fit") + (": " + "; ".join(result.advice) if result.advice else ""))
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve() -> None:
     """Run the API and one worker on embedded defaults (embedded Redis if none answers), until Ctrl-C."""
     from service.devserver import main

@@ -6,6 +6,8 @@ The pipeline uses one interface for all of them:
     x0 = sampler.sample(model, z, y_cond, y_null, mask, generators, callback=None, should_cancel=None)
 
 - model(x [2n,C,T,H,W], t [2n] int64, y [2n,1,L,Cy], mask=[2n,L]|None) -> [2n,2C,T,H,W] (STDiT.forward);
+  a model with `prepare_condition(y, mask)` (STDiT) gets it called once per run, and every step is then
+  passed its result as y with mask=None (the caption work is done once per video, not once per step);
 - z [n,C,T,H,W] float32 initial noise (draw it with `randn(shape, generators, device)`);
 - y_cond, y_null [n,1,L,Cy]; mask [n,L] (the null rows reuse prompt j's mask, as upstream);
 - generators: None (global RNG), one torch.Generator (upstream's single-stream order) or a list of n

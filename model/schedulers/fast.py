@@ -10,8 +10,10 @@ initial latent, so `generators` only matter for z.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
@@ -25,6 +27,8 @@ from model.schedulers.iddpm import (
     check_cancel,
     finish_step,
     guided_output,
+    linear_betas,
+    prepare_caption,
     validate_guidance,
     validate_steps,
 )
@@ -79,6 +83,7 @@ class FastSampler:
         y = torch.cat([y_cond, y_null], dim=0).to(device)  # [2n,1,L,Cy]
         if mask is not None:
             mask = mask.to(device)
+        y, mask = prepare_caption(model, y, mask)
         x = z.float() * scheduler.init_noise_sigma
         total = len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps.tolist()):
@@ -87,6 +92,25 @@ class FastSampler:
             t_batch = torch.full((2 * n,), timestep, dtype=torch.int64, device=device)
             with torch.no_grad():
                 eps = guided_output(model, x, t_batch, y, mask, self.cfg_scale, self.cfg_channel)
-            x = scheduler.step(eps[:, :c], timestep, x).prev_sample  # eps only: drop the learned-variance channels
+            eps = eps[:, :c]  # eps only: drop the learned-variance channels
+            if self.name == "ddim":
+                following = int(scheduler.timesteps[i + 1]) if i + 1 < total else None
+                x = ddim_step(eps, timestep, following, x)
+            else:
+                x = scheduler.step(eps, timestep, x).prev_sample
             finish_step(x, i, total, timestep, callback)
         return x
+
+
+_ALPHAS_CUMPROD = np.cumprod(1.0 - linear_betas(NUM_TRAIN_TIMESTEPS))  # float64
+
+
+def ddim_step(eps: torch.Tensor, timestep: int, following: int | None, x: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta=0; Song et al. 2021, eq. 12) from `timestep` to the schedule's next one
+    (ᾱ = 1, the data, after the last). diffusers' `DDIMScheduler.step` instead goes to
+    `timestep - 1000 // N`, which is not the next trailing timestep when N does not divide 1000, so its
+    trajectory drifts off the ODE as N grows (tests/model/test_sampler_oracle.py caught it)."""
+    alpha = float(_ALPHAS_CUMPROD[timestep])
+    alpha_next = 1.0 if following is None else float(_ALPHAS_CUMPROD[following])
+    x0 = (x - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
+    return math.sqrt(alpha_next) * x0 + math.sqrt(1 - alpha_next) * eps

@@ -71,6 +71,21 @@ def validate_steps(num_steps: int, maximum: int = NUM_TRAIN_TIMESTEPS) -> None:
         raise InvalidInput(f"num_inference_steps must be an int in 1..{maximum}, got {num_steps!r}")
 
 
+def prepare_caption(
+    model: Callable[..., torch.Tensor], y: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, mask) to pass to every step. The caption is constant over a run, so a model with
+    `prepare_condition` (STDiT) has its caption work (embedding, cross-attention keys/values) done here,
+    once, and then gets the prepared condition with mask=None. y [2n,1,L,Cy]; mask [n or 2n, L] or None."""
+    prepare = getattr(model, "prepare_condition", None)
+    if prepare is None:
+        return y, mask
+    if mask is not None and 2 * mask.shape[0] == y.shape[0]:
+        mask = mask.repeat(2, 1)  # [2n,L]: null row j keeps prompt j's positions (README 8)
+    with torch.no_grad():
+        return prepare(y, mask), None
+
+
 def guided_output(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -91,7 +106,8 @@ def guided_output(
     half of the state is never fed back to the model, so only the first half is kept).
     """
     n = x.shape[0]
-    combined = torch.cat([x, x], dim=0)  # [2n,C,T,H,W]
+    # a prepared STDiT condition for 2n rows takes the n shared latents itself (see STDiT.forward)
+    combined = x if getattr(y, "batch", None) == 2 * n else torch.cat([x, x], dim=0)  # [2n,C,T,H,W]
     if mask is not None and mask.shape[0] == n:
         mask = mask.repeat(2, 1)  # [2n,L]: null row j keeps prompt j's positions (README 8), bitwise as upstream
     out = model(combined, t, y, mask=mask, **(model_kwargs or {}))
@@ -246,6 +262,7 @@ class IDDPM:
         y = torch.cat([y_cond, y_null], dim=0).to(device)  # [2n,1,L,Cy]
         if mask is not None:
             mask = mask.to(device)
+        y, mask = prepare_caption(model, y, mask)
         per_row = generators is not None and not isinstance(generators, torch.Generator)
         noise_shape = z.shape if per_row else (2 * n, *z.shape[1:])
         x = z.float()

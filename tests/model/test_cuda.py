@@ -27,3 +27,14 @@ def test_fp16_pipeline_on_cuda_with_t5_on_cpu_matches_fp32(tiny_model_dir):
 def test_default_device_is_cuda_fp16(tiny_model_dir):
     pipe = BoraPipeline.from_pretrained(tiny_model_dir)
     assert pipe.device.type == "cuda" and pipe.dtype == torch.float16
+
+
+@pytest.mark.parametrize("mode", ["cuda_graphs", "compile"])
+def test_accelerated_steps_give_the_eager_frames(tiny_model_dir, mode):
+    pipe = BoraPipeline.from_pretrained(tiny_model_dir, device="cuda")
+    args = dict(num_frames=8, height=64, width=64, num_inference_steps=5)
+    eager = pipe(["endoscopy of the stomach", "knee mri"], seed=[3, 4], **args).frames.astype(np.int16)
+    pipe.accelerate(**{mode: True})
+    for _ in range(2):  # the second run replays graphs captured (or code compiled) by the first
+        fast = pipe(["endoscopy of the stomach", "knee mri"], seed=[3, 4], **args).frames.astype(np.int16)
+        assert np.abs(fast - eager).max() <= 2
