@@ -192,7 +192,15 @@ def run(
         interval=settings.heartbeat_interval_seconds,
         ttl=settings.heartbeat_ttl_seconds,
     )
-    port = metrics.serve(settings.worker_metrics_port, health=lambda: unhealthy(heartbeat))
+    try:
+        port = metrics.serve(settings.worker_metrics_port, health=lambda: unhealthy(heartbeat))
+    except OSError as exc:  # most often a second worker on the host with the same port
+        logger.error(
+            "worker cannot serve /metrics and /healthz on port %s (%s): give each worker on a host its own "
+            "BORA_WORKER_METRICS_PORT, or 0 to turn the endpoint off", settings.worker_metrics_port, exc.strerror,
+            extra={"worker_id": worker_id},
+        )
+        return 2
     heartbeat.start()
     logger.info(
         "worker starting", extra={"worker_id": worker_id, "metrics_port": port, "queue": settings.queue_name}
