@@ -76,7 +76,7 @@ class Stack:
         wait_http(f"{self.open_base}/healthz", open_api, 60, "the auth-off API", log=self.tmp / "api-open.log")
 
     def objects(self, job_id: str) -> Path:
-        """The folder of a job's stored files (local storage root `data/videos`, keys `videos/<id>/...`)."""
+        """The folder of a job's stored files (local storage root `data/videos`, keys `videos/<id>/<attempt>/...`)."""
         return self.data / "videos" / "videos" / job_id
 
     def log(self, name: str) -> str:

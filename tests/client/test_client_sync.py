@@ -177,7 +177,7 @@ def test_wait_polls_when_there_is_no_event_stream(stack: Stack, proxy: FaultProx
 
 def test_download_refuses_a_file_that_differs_from_the_record(client: Client, stack: Stack, tmp_path: Path) -> None:
     job = client.wait(client.create(prompt("tampered"), **SHORT), timeout=120)
-    stored = stack.objects(job.id) / "video.mp4"
+    stored = stack.objects(job.id) / "1" / "video.mp4"  # the first run's outputs
     stored.write_bytes(stored.read_bytes() + b"tampered")
     with pytest.raises(ChecksumMismatchError):
         client.download(job, tmp_path / "video.mp4")
@@ -206,11 +206,11 @@ def test_delete_removes_every_trace(client: Client, stack: Stack) -> None:
     key = "delete-" + secrets.token_hex(4)
     job = client.wait(client.create(prompt("delete"), **SHORT, idempotency_key=key), timeout=120)
     folder = stack.objects(job.id)
-    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "thumbnail.jpg", "video.mp4"]
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["metadata.json", "thumbnail.jpg", "video.mp4"]
     assert redis.exists(f"{stack.prefix}:idem:clinic:{key}")
 
     client.delete(job)
-    assert not any(folder.iterdir())
+    assert not any(p.is_file() for p in folder.rglob("*"))
     assert not redis.exists(f"{stack.prefix}:job:{job.id}", f"{stack.prefix}:idem:clinic:{key}", f"rq:job:{job.id}")
     assert redis.zscore(f"{stack.prefix}:tenant:clinic:jobs", job.id) is None
     with pytest.raises(NotFoundError):
@@ -233,7 +233,7 @@ def test_delete_cancels_a_running_job_first(client: Client, stack: Stack) -> Non
     with pytest.raises(NotFoundError):
         client.get(job)
     folder = stack.objects(job.id)
-    assert not folder.exists() or not any(folder.iterdir())
+    assert not any(p.is_file() for p in folder.rglob("*"))
     line = wait_for(lambda: [x for x in stack.audit_lines()
                              if x.get("event") == "job.deleted" and x.get("job_id") == job.id], 10, "audit")[0]
     assert line["previous_status"] == "running" and line["outcome"] == "deleted"
