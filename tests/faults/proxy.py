@@ -49,6 +49,13 @@ class FaultProxy:
     def blackhole(self, seconds: float) -> None:
         self._blackhole_until = time.monotonic() + seconds
         self.stats["blackholes"] += 1
+        cut = threading.Timer(seconds, self.cut_all)  # a healed partition: the old connections are reset
+        cut.daemon = True
+        cut.start()
+
+    def cut_all(self) -> None:
+        for conn in list(self._conns):
+            _close(conn)
 
     def blackholed(self) -> bool:
         return time.monotonic() < self._blackhole_until
