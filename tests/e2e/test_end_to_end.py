@@ -88,7 +88,7 @@ def test_submit_poll_download(service: Service, tmp_path: Path) -> None:
         "warning",
     )
     client = httpx.Client(base_url=service.base, timeout=10)
-    wait_http(f"{service.base}/healthz", api, 30, "the API", log=service.jobs.logs / "api.log")
+    wait_http(f"{service.base}/healthz", api, 30, "the API", log=service.logs / "api.log")
 
     # Three jobs before any worker exists: they wait, in order.
     body = {

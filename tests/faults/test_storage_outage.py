@@ -236,11 +236,14 @@ def test_objects_of_a_failed_job_are_deleted_even_if_storage_was_down(
     failed = jobstore.get(r, record.id, prefix=settings.key_prefix)
     assert failed is not None and failed.status == JobStatus.failed and failed.error is not None
     assert failed.error.code == "storage_error"
-    video_key = f"videos/{record.id}/video.mp4"
-    assert r.hgetall(reaper.orphans_key(settings.key_prefix)) == {video_key.encode(): record.id.encode()}
+    run_keys = {f"videos/{record.id}/1/{name}" for name in ("video.mp4", "thumbnail.jpg", "metadata.json")}
+    orphans = jobstore.Keys(settings.key_prefix).orphans
+    # Each object of the run was noted before its upload; the failed run could delete none of them.
+    assert r.hgetall(orphans) == {key.encode(): record.id.encode() for key in run_keys}
 
     s3.start()
+    video_key = f"videos/{record.id}/1/video.mp4"
     assert s3.keys() == [video_key]  # stored whole before the outage; the job failed, so it must go
-    assert reaper.purge_orphans(r, settings, storage) == [video_key]
+    assert set(reaper.purge_orphans(r, settings, storage)) == run_keys
     assert s3.keys() == []
-    assert r.hlen(reaper.orphans_key(settings.key_prefix)) == 0
+    assert r.hlen(orphans) == 0
