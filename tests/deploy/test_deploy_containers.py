@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 import imageio_ffmpeg
 import pytest
+import yaml
 from deploy_files import COMPOSE_FILE, REPO_ROOT, compose_env
 
 from tests.support import free_port
@@ -75,7 +76,7 @@ def build(*args: str, tag: str) -> float:
     ~1 GB) is most of a build's time on this machine."""
     started = time.monotonic()
     result = subprocess.run(
-        ["podman", "build", "--pull=never", "--format", "docker", "--network=host", "--layers=false", "-t", tag,
+        ["podman", "build", "--pull=never", "--format", "docker", "--network=host", "--layers=false", "--force-rm", "-t", tag,
          *args, str(REPO_ROOT)],
         capture_output=True, text=True, timeout=1500, env=podman_env(), check=False,
     )
@@ -197,6 +198,13 @@ class Stack:
             BORA_S3_PUBLIC_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}",
         )
 
+        self.healthchecks = {
+            name: service["healthcheck"]["test"]
+            for path in (COMPOSE_FILE, HERE / "compose.override.yml")
+            for name, service in yaml.safe_load(path.read_text())["services"].items()
+            if "test" in service.get("healthcheck", {})
+        }
+
     def compose(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [str(PODMAN_COMPOSE), "-f", str(COMPOSE_FILE), "-f", str(HERE / "compose.override.yml"), *args]
         result = subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True,
@@ -219,11 +227,15 @@ class Stack:
 
     def wait_healthy(self, service: str, timeout: float) -> None:
         """podman-compose ignores `condition: service_healthy` and nothing runs health checks without systemd:
-        run the service's own check until it passes."""
+        run the service's own check command in it until it passes. (Run by `podman exec` rather than
+        `podman healthcheck run`: on this loaded machine a Python check can outlast the check's 5 s timeout.
+        The command is read from the compose files: podman 4.3 mangles the exec form podman-compose passes.)"""
         name = self.container(service)
+        test = self.healthchecks[service]  # from the files: podman 4.3 splits podman-compose's JSON form on spaces
+        command = ["sh", "-c", test[1]] if test[0] == "CMD-SHELL" else test[1:]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if podman("healthcheck", "run", name, check=False, timeout=30).returncode == 0:
+            if podman("exec", name, *command, check=False, timeout=60).returncode == 0:
                 return
             time.sleep(1)
         pytest.fail(f"{service} not healthy after {timeout} s:\n{self.logs(service)}")
