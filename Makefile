@@ -7,7 +7,7 @@ BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
 # The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
 BORA_AUTH ?= disabled
 
-.PHONY: install run test tiny lint bench
+.PHONY: install run test chaos tiny lint bench
 
 $(BIN)/bora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ run: tiny
 	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_DIR=$(BORA_MODEL_DIR) BORA_AUTH=$(BORA_AUTH) $(BIN)/bora serve
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not chaos"
+
+# The bounded chaos run (faults, kill -9, a zombie worker; a few minutes on 2 cores): its own CI stage.
+chaos: install
+	$(BIN)/python -m pytest -q -m chaos tests/faults/test_chaos.py
 
 lint: install
 	$(BIN)/ruff check model service worker tests bench
