@@ -267,3 +267,15 @@ def test_heartbeats(redis_conn, prefix):
     assert len(heartbeats.ready_workers(redis_conn, prefix=prefix)) == 1
     heartbeats.remove(redis_conn, "w1", prefix=prefix)
     assert heartbeats.list_workers(redis_conn, prefix=prefix) == []
+
+
+def test_active_set_tracks_open_jobs_and_their_deadlines(redis_conn, prefix):
+    """What `bora_jobs_active` / `bora_jobs_overdue` (and the BoraJobsOverdue alert) read."""
+    on_time, late = queued_record(), queued_record()
+    jobstore.create(redis_conn, on_time, prefix=prefix, deadline_seconds=3600)
+    jobstore.create(redis_conn, late, prefix=prefix, deadline_seconds=-1)  # its deadline has passed
+    assert jobstore.active_counts(redis_conn, prefix=prefix) == (2, 1)
+    token = start(redis_conn, prefix, late.id, deadline_seconds=3600)  # a run starts: a new deadline
+    assert jobstore.active_counts(redis_conn, prefix=prefix) == (2, 0)
+    jobstore.mark_failed(redis_conn, late.id, "internal", "x", prefix=prefix, token=token, actor=token)
+    assert jobstore.active_counts(redis_conn, prefix=prefix) == (1, 0)  # terminal: no longer open
