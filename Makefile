@@ -9,7 +9,7 @@ BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
 # The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
 BORA_AUTH ?= disabled
 
-.PHONY: install run test test-kernels chaos test-images tiny lint bench
+.PHONY: install run test test-slow test-kernels chaos test-images tiny lint bench
 
 $(BIN)/bora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,13 @@ tiny: install
 run: tiny
 	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_DIR=$(BORA_MODEL_DIR) BORA_AUTH=$(BORA_AUTH) $(BIN)/bora serve
 
-# Everything but the stages below (pyproject's addopts leave out the `chaos` and `images` markers).
+# Everything but the stages below (pyproject's addopts leave out the `slow`, `chaos` and `images` markers).
 test: install $(CHECKOV)
 	$(BIN)/python -m pytest -q
+
+# Minutes-long tests: the client and playground against a whole stack, long sampler and memory runs.
+test-slow: install
+	$(BIN)/python -m pytest -q -m "slow and not chaos"
 
 # The bounded chaos run (faults, kill -9, a zombie worker; a few minutes on 2 cores): its own CI stage.
 chaos: install

@@ -22,3 +22,11 @@ def proxy(stack: Stack) -> Iterator[FaultProxy]:
         yield fault_proxy
     finally:
         fault_proxy.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every client and playground test starts a whole stack (uvicorn, a worker, chromium): `make test-slow`."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)

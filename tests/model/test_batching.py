@@ -8,6 +8,8 @@ import torch
 
 from model.pipeline import BoraPipeline
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `make test-slow`, its own CI stage
+
 SMALL = dict(num_frames=4, height=32, width=32, num_inference_steps=3)
 PROMPTS = ["cells dividing under a microscope", "knee mri, sagittal view of the joint", "colonoscopy"]
 

@@ -13,6 +13,8 @@ import torch
 from model.memory import plan, stdit_parameters, vae_decode_memory
 from model.presets import BORA_STDIT
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `make test-slow`, its own CI stage
+
 GIB = 2**30
 
 

@@ -20,6 +20,8 @@ from model.loading import load_stdit
 from model.schedulers import make_sampler
 from model.schedulers.iddpm import linear_betas
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `make test-slow`, its own CI stage
+
 DATA_STD = 0.5
 ALPHAS_CUMPROD = torch.from_numpy(linear_betas()).mul(-1).add(1).cumprod(0)  # float64 [1000]
 

@@ -15,6 +15,8 @@ import pytest
 from tests.service.conftest import REPO_ROOT, bearer, bora_env
 from tests.support import free_port, wait_for, wait_http
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `make test-slow`, its own CI stage
+
 
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_worker_restarts_it_and_the_api_stays_up(settings, api_key, tiny_model_dir, tmp_path):

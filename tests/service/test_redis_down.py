@@ -27,9 +27,9 @@ def dead_client(tmp_path):
         ("POST", "/v1/videos", {"prompt": "p"}),
         ("POST", "/generate", {"prompt": "p"}),
         ("GET", "/v1/videos", None),
-        ("GET", "/v1/videos/vid_x", None),
-        ("GET", "/v1/videos/vid_x/content", None),
-        ("POST", "/v1/videos/vid_x/cancel", None),
+        ("GET", "/v1/videos/vid_00000000000000000000000000000000", None),
+        ("GET", "/v1/videos/vid_00000000000000000000000000000000/content", None),
+        ("POST", "/v1/videos/vid_00000000000000000000000000000000/cancel", None),
         ("GET", "/readyz", None),
     ],
 )
@@ -64,7 +64,7 @@ def test_unexpected_errors_are_500_json_without_traceback(tmp_path, monkeypatch)
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="x", data_dir=tmp_path)
     headers = bearer(key_for(settings, "t"))
     with TestClient(create_app(settings), raise_server_exceptions=False, headers=headers) as client:
-        response = client.get("/v1/videos/vid_x")
+        response = client.get("/v1/videos/vid_00000000000000000000000000000000")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"
     assert "secret" not in response.text and "Traceback" not in response.text
