@@ -22,6 +22,7 @@ from model.presets import GenerationDefaults
 from model.schedulers import SAMPLERS, make_sampler
 from model.stdit import STDiT
 from model.text_encoder import T5TextEncoder
+from model.training.objective import epsilon_from_v
 from model.vae import VideoVAE
 
 MODEL_INDEX = "model_index.json"
@@ -29,6 +30,7 @@ SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 MAX_FRAMES = 128
 MAX_SIDE = 1024
 MAX_SEED = 2**63 - 1
+PREDICTION_TYPES = ("epsilon", "v")  # what the transformer's first C output channels are
 
 StepCallback = Callable[["BoraPipeline", int, int, int], None]  # (pipe, step_index, timestep, total_steps)
 
@@ -64,13 +66,17 @@ class BoraPipeline:
         defaults: GenerationDefaults,
         name: str = "bora",
         weights_sha256: str | None = None,
+        prediction_type: str = "epsilon",
     ):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r} must be one of {PREDICTION_TYPES}")
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
         self.defaults = defaults
         self.name = name
         self.weights_sha256 = weights_sha256
+        self.prediction_type = prediction_type
         # The null caption for guidance is the model's learned `y_embedding` (upstream `null(n)`).
         self.text_encoder.set_null(transformer.y_embedder.y_embedding)
 
@@ -128,15 +134,22 @@ class BoraPipeline:
         scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
         defaults = GenerationDefaults(**scheduler["defaults"])
         return cls(transformer, text_encoder, vae, defaults, name=index.get("name", "bora"),
-                   weights_sha256=file_sha256(weights))
+                   weights_sha256=file_sha256(weights),
+                   prediction_type=scheduler.get("prediction_type", "epsilon"))
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         self.transformer.save_pretrained(path / "transformer")
         self.text_encoder.save_pretrained(path / "text_encoder", path / "tokenizer")
         self.vae.save_pretrained(path / "vae")
+        self.save_configs(path)
+
+    def save_configs(self, path: str | Path) -> None:
+        """The folder's own files: generation defaults, prediction type and `model_index.json`."""
+        path = Path(path)
         (path / "scheduler").mkdir(parents=True, exist_ok=True)
-        (path / SCHEDULER_CONFIG).write_text(json.dumps({"defaults": self.defaults.to_dict()}, indent=2))
+        (path / SCHEDULER_CONFIG).write_text(json.dumps(
+            {"defaults": self.defaults.to_dict(), "prediction_type": self.prediction_type}, indent=2))
         (path / MODEL_INDEX).write_text(json.dumps({
             "_class_name": type(self).__name__,
             "name": self.name,
@@ -254,8 +267,13 @@ class BoraPipeline:
 
     def _model_fn(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
-        """The sampler keeps latents in fp32; the transformer runs in the pipeline dtype and returns fp32."""
-        return self.transformer(x.to(self.dtype), timestep, y, mask)
+        """The sampler keeps latents in fp32; the transformer runs in the pipeline dtype and returns fp32.
+        A v-prediction model's first C channels become ε here, so every sampler runs it unchanged."""
+        out = self.transformer(x.to(self.dtype), timestep, y, mask)
+        if self.prediction_type == "v":
+            channels = x.shape[1]
+            out = torch.cat([epsilon_from_v(out[:, :channels], x, timestep), out[:, channels:]], dim=1)
+        return out
 
     def _generators(self, n: int, generator, seed) -> tuple[torch.Generator | list[torch.Generator],
                                                                 list[int | None]]:
