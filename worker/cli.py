@@ -208,6 +208,7 @@ def build_demo_command(
     work: Annotated[Path, typer.Option(help="Scratch folder: clips, base model, checkpoints")] = Path(
         "data/demo-build"),
     seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int | None, typer.Option(help="STDiT steps (default: the recipe's)")] = None,
 ) -> None:
     """Train the demo model from nothing (procedural clips, VAE, STDiT), seeded; logs progress to stderr."""
     import logging
@@ -225,7 +226,8 @@ def build_demo_command(
                        f"vb {report.vb:.4f} lr {report.lr:.2e} {report.steps_per_s:.2f} it/s "
                        f"elapsed {time.perf_counter() - started:.0f}s", err=True)
 
-    build_demo(out, work, DemoRecipe(seed=seed), on_step=on_step)
+    recipe = DemoRecipe(seed=seed) if steps is None else DemoRecipe(seed=seed, steps=steps)
+    build_demo(out, work, recipe, on_step=on_step)
     typer.echo(f"wrote {out} in {time.perf_counter() - started:.0f} s")
 
 

@@ -146,13 +146,17 @@ class Trainer:
         key = (index, start, flip)
         if key in self._latents:
             return self._latents[key]
-        frames = self.dataset.load(index, start, flip)  # uint8 [T, H, W, 3]
-        pixels = frames.permute(0, 3, 1, 2).to(self.device, torch.float32) / 127.5 - 1.0  # [T, 3, H, W]
-        dist = self.pipe.vae.vae.encode(pixels).latent_dist
-        posterior = (dist.mean.permute(1, 0, 2, 3).contiguous(), dist.std.permute(1, 0, 2, 3).contiguous())
-        if self.config.cache_latents:
-            self._latents[key] = posterior
-        return posterior
+        # with the cache on, the flipped twin is encoded too while the video is decoded (one read, not two)
+        for twin in (flip, not flip) if self.config.cache_latents else (flip,):
+            frames = self.dataset.load(index, start, twin)  # uint8 [T, H, W, 3]
+            pixels = frames.permute(0, 3, 1, 2).to(self.device, torch.float32) / 127.5 - 1.0  # [T, 3, H, W]
+            dist = self.pipe.vae.vae.encode(pixels).latent_dist
+            posterior = (dist.mean.permute(1, 0, 2, 3).contiguous(), dist.std.permute(1, 0, 2, 3).contiguous())
+            if twin == flip:
+                wanted = posterior
+            if self.config.cache_latents:
+                self._latents[(index, start, twin)] = posterior
+        return wanted
 
     @torch.no_grad()
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
