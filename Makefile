@@ -5,11 +5,14 @@ BIN := $(VENV)/bin
 # checkov (security scan of deploy/k8s in tests/deploy) pins old boto3/networkx/packaging: a venv of its own.
 CHECKOV := build/tools/checkov/bin/checkov
 BORA_DATA_DIR ?= ./data
-BORA_MODEL_DIR ?= $(BORA_DATA_DIR)/models/tiny
+# `make run` serves the demo model shipped in the repository (trained on synthetic clips; not a medical model).
+BORA_MODEL_PRESET ?= demo
+BORA_MODEL_DIR ?= demo/weights/bora-demo
+TINY_DIR ?= $(BORA_DATA_DIR)/models/tiny
 # The embedded default listens on loopback only, so it may turn auth off; production keeps BORA_AUTH=required.
 BORA_AUTH ?= disabled
 
-.PHONY: install run test test-slow test-kernels chaos test-images tiny lint bench
+.PHONY: install run test test-slow test-kernels chaos test-images tiny lint bench demo-model
 
 $(BIN)/bora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +28,17 @@ $(CHECKOV):
 	build/tools/checkov/bin/pip install -q checkov==3.3.30
 
 tiny: install
-	@test -f $(BORA_MODEL_DIR)/model_index.json || $(BIN)/bora make-tiny $(BORA_MODEL_DIR)
+	@test -f $(TINY_DIR)/model_index.json || $(BIN)/bora make-tiny $(TINY_DIR)
 
-run: tiny
-	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_DIR=$(BORA_MODEL_DIR) BORA_AUTH=$(BORA_AUTH) $(BIN)/bora serve
+# OMP_WAIT_POLICY=PASSIVE: on a busy CPU, OpenMP threads that spin while waiting made torch ~10× slower.
+run: install
+	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_PRESET=$(BORA_MODEL_PRESET) BORA_MODEL_DIR=$(BORA_MODEL_DIR) \
+		BORA_AUTH=$(BORA_AUTH) OMP_WAIT_POLICY=PASSIVE $(BIN)/bora serve
+
+# Retrain the shipped demo model from nothing (seeded; about half an hour on 2 quiet CPU cores).
+demo-model: install
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/bora build-demo --out demo/weights/bora-demo --work $(BORA_DATA_DIR)/demo-build \
+		2> demo/weights/training.log
 
 # Everything but the stages below (pyproject's addopts leave out the `slow`, `chaos` and `images` markers).
 test: install $(CHECKOV)
@@ -56,7 +66,7 @@ test-images: install
 	$(BIN)/python -m pytest -q -s -m images tests/deploy/test_deploy_containers.py
 
 lint: install
-	$(BIN)/ruff check model service worker bora_client tests bench
+	$(BIN)/ruff check model service worker bora_client demo tests bench
 	$(BIN)/mypy service worker bora_client
 
 bench: tiny

@@ -19,3 +19,7 @@ class Interrupted(BoraModelError):
 
 class CheckpointError(BoraModelError):
     """A checkpoint is unreadable, or its keys do not match the model."""
+
+
+class DatasetError(BoraModelError):
+    """Training data cannot be used as given (bad CSV row, missing, unreadable or too short video)."""

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from model.presets import GenerationDefaults
 from model.schedulers import SAMPLERS, make_sampler
 from model.stdit import STDiT
 from model.text_encoder import T5TextEncoder
+from model.training.objective import epsilon_from_v
 from model.vae import VideoVAE
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 MAX_FRAMES = 128
 MAX_SIDE = 1024
 MAX_SEED = 2**63 - 1
+PREDICTION_TYPES = ("epsilon", "v")  # what the transformer's first C output channels are
 
 StepCallback = Callable[["BoraPipeline", int, int, int], None]  # (pipe, step_index, timestep, total_steps)
 
@@ -87,16 +90,20 @@ class BoraPipeline:
         defaults: GenerationDefaults,
         name: str = "bora",
         weights_sha256: str | None = None,
+        prediction_type: str = "epsilon",
     ):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r} must be one of {PREDICTION_TYPES}")
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
         self.defaults = defaults
         self.name = name
         self.weights_sha256 = weights_sha256
+        self.prediction_type = prediction_type
         # The null caption for guidance is the model's learned `y_embedding` (upstream `null(n)`).
         self.text_encoder.set_null(transformer.y_embedder.y_embedding)
-        self.denoiser = transformer  # what the sampler calls each step (see `accelerate`)
+        self.denoiser = self._as_epsilon(transformer)  # what the sampler calls each step (see `accelerate`)
 
     @property
     def device(self) -> torch.device:
@@ -128,11 +135,15 @@ class BoraPipeline:
         if cuda_graphs:
             from model.cuda_graphs import CUDAGraphSTDiT
 
-            self.denoiser = CUDAGraphSTDiT(self.transformer)
+            self.denoiser = self._as_epsilon(CUDAGraphSTDiT(self.transformer))
         elif compile:
-            self.denoiser = torch.compile(self.transformer, dynamic=False)
+            self.denoiser = self._as_epsilon(torch.compile(self.transformer, dynamic=False))
         else:
-            self.denoiser = self.transformer
+            self.denoiser = self._as_epsilon(self.transformer)
+
+    def _as_epsilon(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """Every sampler expects ε in the first C output channels: a v-prediction model is wrapped to give it."""
+        return EpsilonFromV(model) if self.prediction_type == "v" else model
 
     # -- persistence ------------------------------------------------------------------------------------
 
@@ -170,15 +181,22 @@ class BoraPipeline:
         )
         vae = VideoVAE.from_pretrained(path / "vae", device=device, dtype=dtype)
         return cls(transformer, text_encoder, vae, defaults, name=index.get("name", "bora"),
-                   weights_sha256=file_sha256(weights))
+                   weights_sha256=file_sha256(weights),
+                   prediction_type=scheduler.get("prediction_type", "epsilon"))
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         self.transformer.save_pretrained(path / "transformer")
         self.text_encoder.save_pretrained(path / "text_encoder", path / "tokenizer")
         self.vae.save_pretrained(path / "vae")
+        self.save_configs(path)
+
+    def save_configs(self, path: str | Path) -> None:
+        """The folder's own files: generation defaults, prediction type and `model_index.json`."""
+        path = Path(path)
         (path / "scheduler").mkdir(parents=True, exist_ok=True)
-        (path / SCHEDULER_CONFIG).write_text(json.dumps({"defaults": self.defaults.to_dict()}, indent=2))
+        (path / SCHEDULER_CONFIG).write_text(json.dumps(
+            {"defaults": self.defaults.to_dict(), "prediction_type": self.prediction_type}, indent=2))
         (path / MODEL_INDEX).write_text(json.dumps({
             "_class_name": type(self).__name__,
             "name": self.name,
@@ -314,3 +332,19 @@ class BoraPipeline:
             raise InvalidInput(f"seeds must be in 0..{MAX_SEED}")
         return [torch.Generator().manual_seed(s) for s in seeds], seeds
 
+
+class EpsilonFromV(torch.nn.Module):
+    """A v-prediction transformer as the samplers see it: its first C output channels turned into ε (the rest,
+    the learned variance, unchanged); the caption preparation is the wrapped model's own."""
+
+    def __init__(self, model: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+
+    def prepare_condition(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.prepare_condition(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(x, timestep, y, mask)  # [B, 2C, T, H, W]
+        channels = x.shape[1]
+        return torch.cat([epsilon_from_v(out[:, :channels], x, timestep), out[:, channels:]], dim=1)

@@ -1,4 +1,5 @@
-"""Named model set-ups: `bora` (upstream's inference settings) and `tiny` (random weights for CPU and tests).
+"""Named model set-ups: `bora` (upstream's inference settings), `tiny` (random weights for CPU and tests) and
+`demo` (a small model trained on synthetic clips, shipped in `demo/weights/`).
 
 A preset fixes the STDiT architecture and the generation defaults. `make_tiny` writes a complete pipeline
 folder from fixed seeds with no download, so `make run` and the tests have a real model to serve.
@@ -48,7 +49,20 @@ TINY_DEFAULTS = GenerationDefaults(
     num_frames=16, height=64, width=64, fps=8, num_inference_steps=10, guidance_scale=7.0, cfg_channel=3,
 )
 
-PRESETS = {"bora": BORA_DEFAULTS, "tiny": TINY_DEFAULTS}
+# The demo model (`demo/`, trained on procedural clips in about an hour on 2 CPU cores): 16 frames of 64×64,
+# an 8× VAE with 4 latent channels (latents 16×8×8), a random 2-layer T5 of width 64, v-prediction.
+DEMO_T5_DIM = 64
+DEMO_STDIT = dict(
+    input_size=(16, 8, 8), in_channels=4, patch_size=(1, 2, 2), hidden_size=128, depth=4, num_heads=4,
+    mlp_ratio=4.0, class_dropout_prob=0.1, pred_sigma=True, drop_path=0.0, no_temporal_pos_emb=False,
+    caption_channels=DEMO_T5_DIM, model_max_length=120, space_scale=1.0, time_scale=1.0,
+)
+DEMO_DEFAULTS = GenerationDefaults(
+    num_frames=16, height=64, width=64, fps=8, num_inference_steps=25, guidance_scale=4.0, cfg_channel=None,
+    sampler="ddim",
+)
+
+PRESETS = {"bora": BORA_DEFAULTS, "tiny": TINY_DEFAULTS, "demo": DEMO_DEFAULTS}
 
 
 def make_tiny(path: str | Path, seed: int = 0) -> Path:

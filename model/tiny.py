@@ -82,8 +82,9 @@ def _unigram_pieces(corpus: tuple[str, ...], vocab_size: int) -> list[tuple[str,
     return [(token, 0.0) for token in SPECIAL_TOKENS] + scored
 
 
-def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 512, model_max_length: int = 120):
-    """Build a T5-style Unigram tokenizer from :data:`TINY_CORPUS` and ``save_pretrained`` it.
+def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 512, model_max_length: int = 120,
+                         corpus: tuple[str, ...] = TINY_CORPUS):
+    """Build a T5-style Unigram tokenizer from ``corpus`` (:data:`TINY_CORPUS`) and ``save_pretrained`` it.
 
     The result loads with ``AutoTokenizer.from_pretrained(directory)`` as a ``T5Tokenizer``; ids
     ``<pad>``=0, ``</s>``=1, ``<unk>``=2 as in T5 and every encoding ends with ``</s>``. The same
@@ -92,7 +93,7 @@ def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 512, model_max
     # transformers' T5Tokenizer wraps a Unigram (piece, score) list with T5's own pre-tokenizer
     # (whitespace split, Metaspace "▁"), `$A </s>` post-processor and decoder, exactly as it does
     # for a converted sentencepiece model.
-    pieces = _unigram_pieces(TINY_CORPUS, vocab_size)
+    pieces = _unigram_pieces(corpus, vocab_size)
     tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.convert_tokens_to_ids(token) != token_id:

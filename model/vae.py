@@ -2,7 +2,8 @@
 
 Upstream (``opensora/models/vae/vae.py``) folds time into the batch, runs SD's 2-D
 ``AutoencoderKL`` on micro-batches of frames and scales latents by a fixed 0.18215 (not the
-config's ``scaling_factor``). ``save_sample`` then maps ``[-1, 1]`` to bytes with
+config's ``scaling_factor``). Here a folder's ``scaling_factor`` is used, which is that same 0.18215 in
+sd-vae-ft-ema's config; a smaller VAE (the demo's) brings its own. ``save_sample`` then maps ``[-1, 1]`` to bytes with
 ``clamp(-1, 1)``, ``(x + 1) / 2 * 255 + 0.5`` and a truncating cast; :meth:`VideoVAE.decode` does
 the same in fp32, micro-batch by micro-batch, so a long video never holds all decoded frames
 on the accelerator at once.
@@ -40,10 +41,11 @@ class VideoVAE:
         vae_dir: str | Path,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        scale_factor: float = 0.18215,
+        scale_factor: float | None = None,
         micro_batch_size: int | None = 4,
     ) -> VideoVAE:
-        """Load an ``AutoencoderKL`` folder (local files only)."""
+        """Load an ``AutoencoderKL`` folder (local files only). The latent scale is the config's
+        ``scaling_factor`` (0.18215 in sd-vae-ft-ema's, as upstream hard-codes) unless given."""
         vae = AutoencoderKL.from_pretrained(
             str(vae_dir),
             local_files_only=True,
@@ -53,6 +55,8 @@ class VideoVAE:
         )
         if device is not None:
             vae = vae.to(device)
+        if scale_factor is None:
+            scale_factor = float(vae.config.get("scaling_factor") or 0.18215)
         return cls(vae, scale_factor=scale_factor, micro_batch_size=micro_batch_size)
 
     def save_pretrained(self, vae_dir: str | Path) -> None:

@@ -179,6 +179,132 @@ def doctor(
 
 
 @app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="CSV without header: video path, caption (upstream's format)")],
+    pipeline: Annotated[Path, typer.Option(help="Pipeline folder to start from (Bora, tiny, demo)")],
+    out: Annotated[Path, typer.Option(help="Output folder: the trained pipeline, checkpoints/, samples/")],
+    root: Annotated[Path | None, typer.Option(help="Video paths are relative to this (default: the CSV's folder)")] = None,
+    from_scratch: Annotated[bool, typer.Option(help="Fresh STDiT weights with the folder's architecture")] = False,
+    prediction: Annotated[str, typer.Option(help="epsilon (Bora's objective) | v")] = "epsilon",
+    num_frames: Annotated[int | None, typer.Option(help="Frames per clip (default: the pipeline's)")] = None,
+    frame_interval: Annotated[int, typer.Option(help="Take every n-th frame")] = 3,
+    height: Annotated[int | None, typer.Option()] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    lr: Annotated[float, typer.Option()] = 1e-5,
+    warmup_steps: Annotated[int, typer.Option()] = 0,
+    max_steps: Annotated[int, typer.Option()] = 1000,
+    ema_decay: Annotated[float, typer.Option()] = 0.9999,
+    grad_clip: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: the final one only)")] = 0,
+    sample_every: Annotated[int, typer.Option(help="Steps between sample MP4s (0: none)")] = 0,
+    sample_prompt: Annotated[list[str] | None, typer.Option(help="Prompt for the samples (repeatable)")] = None,
+    cache_latents: Annotated[bool, typer.Option(help="Keep each clip's VAE posterior in memory")] = True,
+    resume: Annotated[Path | None, typer.Option(help="Checkpoint folder (out/checkpoints/step-N) to resume")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda if available)")] = None,
+) -> None:
+    """Fine-tune (or train) the STDiT on text–video pairs with Bora's recipe; writes a pipeline folder."""
+    from tqdm import tqdm
+
+    from model.errors import BoraModelError
+    from model.training.trainer import StepReport, TrainConfig, Trainer
+    from worker.video import SYNTHETIC_LABEL, encode_mp4
+
+    config = TrainConfig(
+        data=str(data), pipeline=str(pipeline), out=str(out), root=str(root) if root else None,
+        from_scratch=from_scratch, prediction=prediction, num_frames=num_frames, frame_interval=frame_interval,
+        height=height, width=width, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_steps=max_steps,
+        grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, checkpoint_every=checkpoint_every,
+        sample_every=sample_every, sample_prompts=list(sample_prompt or []), cache_latents=cache_latents,
+        device=device,
+    )
+    bar = tqdm(total=max_steps, unit="step", desc="training")
+
+    def on_step(report: StepReport) -> None:
+        bar.n = report.step
+        bar.set_postfix(loss=f"{report.loss:.4f}", it_s=f"{report.steps_per_s:.2f}", refresh=False)
+        bar.refresh()
+
+    def on_sample(step: int, prompts: list[str], frames, fps: int) -> None:
+        folder = out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, prompt in enumerate(prompts):
+            encode_mp4(frames[i], fps, folder / f"step-{step:06d}-{i}.mp4",
+                       {"title": prompt, "comment": SYNTHETIC_LABEL})
+
+    try:
+        trainer = Trainer(config, resume=resume, on_step=on_step, on_sample=on_sample)
+        bar.n = trainer.step
+        final = trainer.run()
+    except (BoraModelError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from error
+    finally:
+        bar.close()
+    typer.echo(f"wrote {final} (EMA weights, step {trainer.step})")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Path, typer.Option(help="Pipeline folder to evaluate")] = Path("demo/weights/bora-demo"),
+    samples_per_domain: Annotated[int, typer.Option(help="Generated videos per domain")] = 16,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here")] = None,
+    grid_dir: Annotated[Path | None, typer.Option(help="Write one PNG grid of samples per domain here")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first sample (sample i uses seed + i)")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda if available)")] = None,
+) -> None:
+    """Measure a model on the demo's four procedural domains from held-out phrasings (see demo/evaluate.py)."""
+    from demo.evaluate import evaluate, train_classifier, write_grids
+    from model.pipeline import BoraPipeline
+
+    typer.echo("training the domain classifier on real procedural clips and noise ...", err=True)
+    classifier = train_classifier()
+    pipe = BoraPipeline.from_pretrained(model, device=device)
+
+    def progress(done: int, total: int) -> None:
+        typer.echo(f"generated {done}/{total}", err=True)
+
+    report, videos = evaluate(pipe, samples_per_domain, seed=seed, classifier=classifier, on_progress=progress)
+    typer.echo(report.table())
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+        typer.echo(f"wrote {json_out}")
+    if grid_dir is not None:
+        for path in write_grids(videos, grid_dir):
+            typer.echo(f"wrote {path}")
+
+
+@app.command("build-demo")
+def build_demo_command(
+    out: Annotated[Path, typer.Option(help="Where the demo pipeline folder goes")] = Path("demo/weights/bora-demo"),
+    work: Annotated[Path, typer.Option(help="Scratch folder: clips, base model, checkpoints")] = Path(
+        "data/demo-build"),
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int | None, typer.Option(help="STDiT steps (default: the recipe's)")] = None,
+) -> None:
+    """Train the demo model from nothing (procedural clips, VAE, STDiT), seeded; logs progress to stderr."""
+    import logging
+    import time
+
+    from demo.build import DemoRecipe, build_demo
+    from model.training.trainer import StepReport
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+
+    def on_step(report: StepReport) -> None:
+        if report.step % 20 == 0 or report.step == report.max_steps:
+            typer.echo(f"step {report.step}/{report.max_steps} loss {report.loss:.4f} mse {report.mse:.4f} "
+                       f"vb {report.vb:.4f} lr {report.lr:.2e} {report.steps_per_s:.2f} it/s "
+                       f"elapsed {time.perf_counter() - started:.0f}s", err=True)
+
+    recipe = DemoRecipe(seed=seed) if steps is None else DemoRecipe(seed=seed, steps=steps)
+    build_demo(out, work, recipe, on_step=on_step)
+    typer.echo(f"wrote {out} in {time.perf_counter() - started:.0f} s")
+
+
+@app.command()
 def serve() -> None:
     """Run the API and one worker on embedded defaults (embedded Redis if none answers), until Ctrl-C."""
     from service.devserver import main

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     presign_ttl_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
 
     # --- model / worker ------------------------------------------------------------------------------
-    model_preset: Literal["tiny", "bora"] = "tiny"
+    model_preset: Literal["tiny", "bora", "demo"] = "tiny"
     model_dir: Path | None = Field(None, description="Default $BORA_DATA_DIR/models/<preset>")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     text_encoder_device: str = Field(

@@ -57,6 +57,19 @@ MODELS: dict[str, ModelSpec] = {
         default_steps=10,
         default_guidance=7.0,
     ),
+    # The demo model trained on synthetic clips (demo/weights/bora-demo), what `make run` serves.
+    "demo": ModelSpec(
+        name="demo",
+        trained=(16, 64, 64),
+        fps=8,
+        max_frames=32,
+        min_side=32,
+        max_side=256,
+        max_steps={"iddpm": 100, "ddim": 100, "dpm-solver++": 100},
+        default_sampler="ddim",
+        default_steps=25,
+        default_guidance=4.0,
+    ),
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.presets import BORA_DEFAULTS, PRESETS, TINY_DEFAULTS
+from model.presets import BORA_DEFAULTS, DEMO_DEFAULTS, PRESETS, TINY_DEFAULTS
 from service.jobs.models import MODELS, SIZE_MULTIPLE
 
 
@@ -12,7 +12,7 @@ def test_the_service_serves_every_preset():
     assert MODELS.keys() == PRESETS.keys()
 
 
-@pytest.mark.parametrize("name, defaults", [("bora", BORA_DEFAULTS), ("tiny", TINY_DEFAULTS)])
+@pytest.mark.parametrize("name, defaults", [("bora", BORA_DEFAULTS), ("tiny", TINY_DEFAULTS), ("demo", DEMO_DEFAULTS)])
 def test_service_spec_matches_the_preset(name, defaults):
     spec = MODELS[name]
     assert spec.name == name
