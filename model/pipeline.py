@@ -12,8 +12,8 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -346,5 +346,7 @@ class EpsilonFromV(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model(x, timestep, y, mask)  # [B, 2C, T, H, W]
+        if out.shape[0] != x.shape[0]:  # a prepared guidance condition: the model doubled the n shared latents
+            x = torch.cat([x, x])  # [2n, C, T, H, W]
         channels = x.shape[1]
         return torch.cat([epsilon_from_v(out[:, :channels], x, timestep), out[:, channels:]], dim=1)

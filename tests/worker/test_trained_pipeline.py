@@ -10,8 +10,8 @@ from demo.clips import write_mp4
 from demo.procedural import DOMAINS, render, sample_attributes
 from model.pipeline import BoraPipeline, file_sha256
 from model.training.trainer import TrainConfig, Trainer
-from service.schemas import JobStatus
-from service.storage import LocalStorage
+from service.jobs.schemas import JobStatus
+from service.jobs.storage import LocalStorage
 
 
 def test_trained_folder_serves_a_job(env, make_runtime, tiny_model_dir, tmp_path):
