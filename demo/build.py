@@ -28,11 +28,12 @@ PIPELINE_PARTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"
 
 @dataclass
 class DemoRecipe:
-    clips_per_domain: int = 300
-    vae_steps: int = 1000
+    clips_per_domain: int = 400
+    vae_blocks: tuple[int, ...] = (32, 64, 64, 64)
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 3e-4
     warmup_steps: int = 100
@@ -94,7 +95,7 @@ def build_demo(out: str | Path, work: str | Path, recipe: DemoRecipe | None = No
             logger.info("vae step %d/%d loss %.4f (%.2f steps/s)", step, recipe.vae_steps, loss,
                         step / (time.perf_counter() - started))
 
-    vae = train_autoencoder(small_autoencoder((16, 32, 32, 32), seed=recipe.seed), frames, recipe.vae_steps,
+    vae = train_autoencoder(small_autoencoder(recipe.vae_blocks, seed=recipe.seed), frames, recipe.vae_steps,
                             batch_size=recipe.vae_batch, lr=2e-3, crop=recipe.vae_crop, seed=recipe.seed,
                             on_step=vae_progress)
     logger.info("trained the VAE in %.0f s; scaling_factor %.4f", time.perf_counter() - started,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.attention_broadcast import AttentionBroadcast, AttentionBroadcastConfig
 from model.errors import CheckpointError, InvalidInput
 from model.loading import load_stdit
 from model.presets import GenerationDefaults
@@ -104,6 +105,7 @@ class BoraPipeline:
         # The null caption for guidance is the model's learned `y_embedding` (upstream `null(n)`).
         self.text_encoder.set_null(transformer.y_embedder.y_embedding)
         self.denoiser = self._as_epsilon(transformer)  # what the sampler calls each step (see `accelerate`)
+        self.step_mode = "eager"
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +134,8 @@ class BoraPipeline:
         pays the compile), or replayed CUDA graphs per fixed shape (CUDA only). Same maths either way."""
         if compile and cuda_graphs:
             raise InvalidInput("choose torch.compile or CUDA graphs, not both")
+        if (compile or cuda_graphs) and self.transformer.attention_broadcast is not None:
+            raise InvalidInput("attention broadcast runs eager steps; disable it before compile or CUDA graphs")
         if cuda_graphs:
             from model.cuda_graphs import CUDAGraphSTDiT
 
@@ -140,6 +144,16 @@ class BoraPipeline:
             self.denoiser = self._as_epsilon(torch.compile(self.transformer, dynamic=False))
         else:
             self.denoiser = self._as_epsilon(self.transformer)
+        self.step_mode = "cuda_graphs" if cuda_graphs else "compile" if compile else "eager"
+
+    def enable_attention_broadcast(self, config: AttentionBroadcastConfig | None = None) -> None:
+        """Reuse attention outputs across steps (PAB, `model/attention_broadcast.py`): fewer FLOPs, eager only."""
+        if self.step_mode != "eager":
+            raise InvalidInput("attention broadcast runs eager steps; it can't follow compile or CUDA graphs")
+        self.transformer.attention_broadcast = AttentionBroadcast(config or AttentionBroadcastConfig())
+
+    def disable_attention_broadcast(self) -> None:
+        self.transformer.attention_broadcast = None
 
     def _as_epsilon(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """Every sampler expects ε in the first C output channels: a v-prediction model is wrapped to give it."""
@@ -296,6 +310,8 @@ class BoraPipeline:
         else:
             latents = self.prepare_latents(num_frames, height, width, generators)
         scheduler = make_sampler(sampler, num_inference_steps, guidance_scale, d.cfg_channel)
+        if self.transformer.attention_broadcast is not None:
+            self.transformer.attention_broadcast.reset()  # a new video: nothing kept from the last one
         step_callback = None
         if callback_on_step_end is not None:
             def step_callback(step_index: int, total: int, timestep: int) -> None:

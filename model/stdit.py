@@ -32,6 +32,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from model.attention_broadcast import AttentionBroadcast
 from model.errors import InvalidInput
 from model.layers import (
     Attention,
@@ -85,8 +86,11 @@ class STDiTBlock(nn.Module):
         num_frames: int,
         tpe: torch.Tensor | None = None,
         guidance_pairs: bool = False,
+        broadcast: AttentionBroadcast | None = None,
+        index: int = 0,
     ) -> torch.Tensor:
         """x [B, T*S, D]; caption: this block's prepared keys/values; t0 [B, 6D]; tpe [1, T, D] (block 0).
+        broadcast: the run's attention-broadcast state (block `index`'s kept outputs), or None.
 
         guidance_pairs: x and t0 hold one row per guidance pair (n rows for a 2n-row caption); both halves of
         a pair have the same input, so the self-attentions run once and the rows are doubled before the
@@ -96,19 +100,26 @@ class STDiTBlock(nn.Module):
         modulation = (self.scale_shift_table[None] + t0.reshape(batch, 6, -1))  # [B, 6, D]
         shift_msa, scale_msa, gate_msa, _, _, _ = modulation.chunk(6, dim=1)  # each [B, 1, D]
 
+        def attend(kind: str, compute) -> torch.Tensor:
+            return compute() if broadcast is None else broadcast.attend(kind, index, compute)
+
         # spatial attention: over the S tokens of each frame
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # [B, T*S, D]
-        x_s = self.attn(x_m.view(batch * num_frames, num_tokens // num_frames, dim))  # [B*T, S, D]
-        x = self._gated_residual(x, gate_msa, x_s.view(batch, num_tokens, dim))
+        def spatial() -> torch.Tensor:
+            x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # [B, T*S, D]
+            x_s = self.attn(x_m.view(batch * num_frames, num_tokens // num_frames, dim))  # [B*T, S, D]
+            return x_s.view(batch, num_tokens, dim)
+
+        x = self._gated_residual(x, gate_msa, attend("spatial", spatial))
 
         # temporal attention: over the T tokens of each spatial site; raw residual input, same gate_msa
-        x = self._gated_residual(x, gate_msa, self.attn_temp.temporal(x, num_frames, tpe))
+        temporal = attend("temporal", lambda: self.attn_temp.temporal(x, num_frames, tpe))  # [B, T*S, D]
+        x = self._gated_residual(x, gate_msa, temporal)
         if guidance_pairs:
             x, modulation = torch.cat([x, x]), torch.cat([modulation, modulation])  # [2n, T*S, D], [2n, 6, D]
         _, _, _, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
 
         # cross-attention to the caption: no norm, no modulation, no gate
-        x = x + self.cross_attn(x, caption)
+        x = x + attend("cross", lambda: self.cross_attn(x, caption))
 
         # MLP
         x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
@@ -170,6 +181,7 @@ class STDiT(ModelMixin, ConfigMixin):
         self.space_scale = space_scale
         self.time_scale = time_scale
         self._config_grid = tuple(i // p for i, p in zip(input_size, patch_size, strict=True))
+        self.attention_broadcast: AttentionBroadcast | None = None  # PAB state of the current run, when on
         self._pos_embed_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
         # sin/cos tables (fp32, from float64 numpy); built on the CPU even under a meta device context
@@ -306,13 +318,17 @@ class STDiT(ModelMixin, ConfigMixin):
         t = self.t_embedder(timestep, dtype=x.dtype)  # [B, D]
         t0 = self.t_block(t)  # [B, 6D]
 
+        broadcast = self.attention_broadcast
+        if broadcast is not None:
+            broadcast.begin_step(int(timestep[0]), (*x.shape, caption.batch))
         for i, block in enumerate(self.blocks):
             if i == 0:
-                x = block(x, caption.blocks[0], t0, num_frames, pos_embed_temporal, guidance_pairs)  # [B', N, D]
+                x = block(x, caption.blocks[0], t0, num_frames, pos_embed_temporal, guidance_pairs,
+                          broadcast, i)  # [B', N, D]
                 if guidance_pairs:
                     t, t0 = torch.cat([t, t]), torch.cat([t0, t0])  # [2n, D], [2n, 6D]
             else:
-                x = block(x, caption.blocks[i], t0, num_frames)  # [B', N, D]
+                x = block(x, caption.blocks[i], t0, num_frames, broadcast=broadcast, index=i)  # [B', N, D]
 
         x = self.final_layer(x, t)  # [B, N, pt*ph*pw*C_out]
         x = self.unpatchify(x, grid)  # [B, C_out, T, H, W]
