@@ -187,24 +187,24 @@ def _frechet_pca(real_features: np.ndarray, dims: int = 16):
 
 def evaluate(pipe, samples_per_domain: int = 16, batch_size: int = 8, seed: int = 0,
              classifier: DomainClassifier | None = None, reference_per_domain: int = 64,
-             num_inference_steps: int | None = None, on_progress=None) -> tuple[EvalReport, dict]:
-    """Generate from held-out prompts with `pipe` (its default sampler, steps and guidance unless
-    `num_inference_steps` is given) and measure; returns the report and the videos by domain."""
+             sampler: str | None = None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, on_progress=None) -> tuple[EvalReport, dict]:
+    """Generate from held-out prompts with `pipe` (its default sampler, steps and guidance unless given) and
+    measure; returns the report and the videos by domain."""
     classifier = classifier or train_classifier()
+    generation = dict(sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     prompts = eval_prompts(samples_per_domain)
     videos: list[np.ndarray] = []
     started = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
-        out = pipe([p.text for p in batch], seed=[seed + i + j for j in range(len(batch))],
-                   num_inference_steps=num_inference_steps)
+        out = pipe([p.text for p in batch], seed=[seed + i + j for j in range(len(batch))], **generation)
         videos.extend(out.frames)
         if on_progress is not None:
             on_progress(len(videos), len(prompts))
     seconds_per_sample = (time.perf_counter() - started) / len(prompts)
     # the same request twice (a batch's numerics depend on its size, so not against the batched run)
-    first, again = (pipe(prompts[0].text, seed=seed, num_inference_steps=num_inference_steps).frames[0]
-                    for _ in range(2))
+    first, again = (pipe(prompts[0].text, seed=seed, **generation).frames[0] for _ in range(2))
     deterministic = bool(np.array_equal(first, again))
 
     predicted = classifier.predict(videos)
@@ -257,6 +257,7 @@ def evaluate(pipe, samples_per_domain: int = 16, batch_size: int = 8, seed: int 
                                                                                     strict=True)])),
         "deterministic": deterministic,
         "seconds_per_sample": seconds_per_sample,
+        "generation": {key: value for key, value in generation.items() if value is not None},
         "prompts": [p.text for p in prompts],
     }
     return report, by_domain

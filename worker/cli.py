@@ -252,19 +252,32 @@ def eval_command(
     grid_dir: Annotated[Path | None, typer.Option(help="Write one PNG grid of samples per domain here")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first sample (sample i uses seed + i)")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda if available)")] = None,
+    sampler: Annotated[str | None, typer.Option(help="iddpm, ddim, dpm-solver++ (default: the model's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the model's)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale (default: the model's)")] = None,
+    broadcast: Annotated[str | None, typer.Option(
+        help="Pyramid attention broadcast 'SPATIAL,TEMPORAL,CROSS' (recompute every n steps), off by default")] = None,
 ) -> None:
     """Measure a model on the demo's four procedural domains from held-out phrasings (see demo/evaluate.py)."""
     from demo.evaluate import evaluate, train_classifier, write_grids
+    from model.attention_broadcast import AttentionBroadcastConfig
     from model.pipeline import BoraPipeline
 
     typer.echo("training the domain classifier on real procedural clips and noise ...", err=True)
     classifier = train_classifier()
     pipe = BoraPipeline.from_pretrained(model, device=device)
+    if broadcast is not None:
+        try:
+            spatial, temporal, cross = (int(n) for n in broadcast.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"--broadcast {broadcast!r}: expected three integers, e.g. 2,3,5") from None
+        pipe.enable_attention_broadcast(AttentionBroadcastConfig(spatial, temporal, cross))
 
     def progress(done: int, total: int) -> None:
         typer.echo(f"generated {done}/{total}", err=True)
 
-    report, videos = evaluate(pipe, samples_per_domain, seed=seed, classifier=classifier, on_progress=progress)
+    report, videos = evaluate(pipe, samples_per_domain, seed=seed, classifier=classifier, sampler=sampler,
+                              num_inference_steps=steps, guidance_scale=guidance, on_progress=progress)
     typer.echo(report.table())
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
