@@ -148,6 +148,11 @@ def load_runtime(
         text_encoder_device=None if settings.text_encoder_device == "same" else settings.text_encoder_device,
         text_encoder_dtype=getattr(torch, settings.text_encoder_dtype),
     )
+    if settings.attention_broadcast != "off":
+        from model.attention_broadcast import AttentionBroadcastConfig
+
+        spatial, temporal, cross = (int(n) for n in settings.attention_broadcast.split(","))
+        pipeline.enable_attention_broadcast(AttentionBroadcastConfig(spatial, temporal, cross))
     load_s = time.perf_counter() - started
     dtype = str(pipeline.dtype).removeprefix("torch.")
     metrics.model_load_seconds.set(load_s)
@@ -162,6 +167,7 @@ def load_runtime(
             "dtype": dtype,
             "load_s": round(load_s, 3),
             "model_dir": str(settings.model_dir),
+            "attention_broadcast": settings.attention_broadcast,
         },
     )
     return jobs.Runtime(
