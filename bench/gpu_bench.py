@@ -9,7 +9,7 @@ Stages (`--stage NAME`):
 - batch:     1, 2, 4 prompts per batch: videos/hour;
 - compile:   torch.compile on vs off (compile time reported separately);
 - t5:        a random-weight T5-XXL-shaped encoder, 120 tokens, on the GPU (bf16) and on the CPU (fp32);
-- samplers:  DDIM-25 and DPM-Solver++-20 per video next to IDDPM-100.
+- samplers:  DDIM-25, DPM-Solver++-20 and DDIM-25 with attention broadcast per video next to IDDPM-100.
 Everything is built offline (no network). `--tiny` shrinks every model and shape so the whole script runs on
 a CPU in about a minute (tests/model/test_gpu_bench.py runs it that way); its numbers mean nothing.
 """
@@ -255,6 +255,14 @@ class Bench:
             seconds = self.video_time(model, model, sampler, steps)
             base = base or seconds
             row("samplers", f"{sampler}-{steps}", f"{seconds:.1f} s/video DiT, {base / seconds:.1f}x vs IDDPM")
+        from model.attention_broadcast import AttentionBroadcast, AttentionBroadcastConfig
+
+        model.attention_broadcast = AttentionBroadcast(AttentionBroadcastConfig(2, 3, 5))
+        steps = max(1, self.steps // 4)
+        seconds = self.video_time(model, model, "ddim", steps)
+        row("samplers", f"ddim-{steps} + attention broadcast 2/3/5",
+            f"{seconds:.1f} s/video DiT, {base / seconds:.1f}x vs IDDPM")
+        model.attention_broadcast = None
 
 
 def main() -> None:
