@@ -43,6 +43,22 @@ class DemoRecipe:
     seed: int = 0
 
 
+# The demo's T5 is random and frozen. At full strength its two random layers blend every token with the
+# whole sentence, so a caption's embedding says more about its template than its words, and the STDiT
+# learns the five training sentence shapes instead of "ultrasound" or "MRI" (held-out phrasings then
+# landed in the wrong domain). Scaled down, each output token stays mostly its own word.
+TEXT_CONTEXT_SCALE = 0.1
+
+
+def keep_words(t5, scale: float):
+    """Scale the random T5's attention and feed-forward outputs (what mixes tokens) by `scale`."""
+    with torch.no_grad():
+        for block in t5.encoder.block:
+            block.layer[0].SelfAttention.o.weight.mul_(scale)
+            block.layer[1].DenseReluDense.wo.weight.mul_(scale)
+    return t5
+
+
 def build_base(path: Path, vae, seed: int) -> Path:
     """The starting pipeline folder: trained VAE, random frozen T5 + demo tokenizer, fresh STDiT."""
     from demo.captions import corpus
@@ -55,7 +71,8 @@ def build_base(path: Path, vae, seed: int) -> Path:
 
     parts = path / ".parts"
     build_tiny_tokenizer(parts / "tokenizer", vocab_size=1024, corpus=TINY_CORPUS + corpus())
-    build_tiny_t5(parts / "text_encoder", d_model=DEMO_T5_DIM, seed=seed, tokenizer_dir=parts / "tokenizer")
+    t5 = build_tiny_t5(parts / "text_encoder", d_model=DEMO_T5_DIM, seed=seed, tokenizer_dir=parts / "tokenizer")
+    keep_words(t5, TEXT_CONTEXT_SCALE).save_pretrained(str(parts / "text_encoder"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = STDiT(**DEMO_STDIT)

@@ -1,15 +1,16 @@
 """Captions for the procedural clips, in the style of Bora's evaluation prompts, with attributes in words.
 
-Six templates per domain; the last one (`HELD_OUT`) is never used for training, only by `bora eval`, so
-the model is measured on phrasings it has not seen.
+Ten templates per domain; the last one (`HELD_OUT`) is never used for training, only by `bora eval`, so
+the model is measured on phrasings it has not seen. Many phrasings per domain teach a small model the domain
+words rather than the sentence shapes of a few templates.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-HELD_OUT = 5  # template index kept for evaluation
-TRAIN_TEMPLATES = (0, 1, 2, 3, 4)
+HELD_OUT = 9  # template index kept for evaluation (the last of each domain)
+TRAIN_TEMPLATES = tuple(range(HELD_OUT))
 
 TEMPLATES = {
     "cell": (
@@ -22,6 +23,12 @@ TEMPLATES = {
         "the medium{dividing}.",
         "The field of view contains {count} round {colour} cells with visible nuclei that drift "
         "{speed_adv}{dividing}.",
+        "Live-cell imaging shows {count} {colour} cells moving {speed_adv} on a dark dish{dividing}.",
+        "A fluorescent microscope recording: {colour} labelled cells drift {speed_adv}, {count} in view"
+        "{dividing}.",
+        "Cultured cells stained {colour}, {count} of them, wander {speed_adv} across the black slide"
+        "{dividing}.",
+        "In this microscopy time-lapse {count} bright {colour} cells with nuclei travel {speed_adv}{dividing}.",
         "Under a fluorescence microscope, {count} cells labelled in {colour} move {speed_adv} over a dark "
         "background{dividing}.",
     ),
@@ -34,6 +41,10 @@ TEMPLATES = {
         "Cardiac ultrasound with grainy {colour} speckle; the chamber walls pulse at a {speed} heart rate.",
         "A sector-shaped {colour} sonography view of the heart, its dark chamber expanding and contracting "
         "{speed_adv}.",
+        "Echocardiography in {colour}: a grainy fan with the heart's chamber pumping {speed_adv}.",
+        "A transthoracic ultrasound of the heart, {colour} speckle, the chamber beating at a {speed} rate.",
+        "The sonogram shows a {colour} sector with a cardiac chamber that contracts {speed_adv}.",
+        "Heart ultrasound footage: the {colour} speckled sector and a ventricle pulsing {speed_adv}.",
         "An ultrasound scan in {colour} tones, showing a dark cardiac chamber that beats {speed_adv} within "
         "the speckled fan.",
     ),
@@ -46,6 +57,10 @@ TEMPLATES = {
         "{speed_adv}.",
         "A grayscale dynamic MRI sequence of a speaker's head, lateral view, with {speed} tongue motion.",
         "Real-time magnetic resonance imaging of the upper airway, the tongue articulating {speed_adv}.",
+        "An MRI movie of a person talking, sagittal head slice, the tongue moving at a {speed} pace.",
+        "Dynamic MRI of speech: a side view of the skull and airway as the tongue moves {speed_adv}.",
+        "A grey real-time MRI scan of the head in profile while the tongue shapes words {speed_adv}.",
+        "Speech MRI, mid-sagittal plane: head, airway and tongue, the tongue rising and falling {speed_adv}.",
         "A sagittal MRI video of the head where the tongue moves up and down {speed_adv} as the person "
         "speaks.",
     ),
@@ -57,6 +72,10 @@ TEMPLATES = {
         "Endoscope footage inside the bowel, {colour} tissue with circular folds and bright reflections, "
         "moving {speed_adv}.",
         "A {speed} forward endoscopic journey through a {colour} lumen with moist folds and highlights.",
+        "Gastrointestinal endoscopy: the camera travels {speed_adv} along {colour} folds of the bowel wall.",
+        "A {colour} intestinal lumen seen through an endoscope that moves {speed_adv} ahead.",
+        "Endoscopic footage of the colon, {colour} mucosal folds and shiny highlights passing {speed_adv}.",
+        "The scope advances {speed_adv} through the gut, {colour} walls and folds around the dark opening.",
         "Inside the digestive tract, the endoscope glides {speed_adv} past {colour} folds toward the dark "
         "lumen.",
     ),
