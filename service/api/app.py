@@ -11,11 +11,11 @@ from fastapi_offline import FastAPIOffline
 from rq import Queue
 
 from service.api import auth, handlers
-from service.api.admission import Admission
 from service.api.metrics import ApiMetrics, MetricsMiddleware
 from service.api.middleware import RequestIdMiddleware, RequestLimitsMiddleware
 from service.api.routes import events, health, playground, videos, webhooks
 from service.jobs import logs, reaper
+from service.jobs.admission import Limits
 from service.jobs.config import Settings, get_settings
 from service.jobs.connection import connect
 from service.jobs.models import MODELS
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = make_storage(settings)
     app.state.model_spec = MODELS[settings.model_preset]
     app.state.keys = KeyStore(settings.api_keys_file)  # type: ignore[arg-type]  # derived, never None
-    app.state.admission = Admission(redis, settings)
+    app.state.limits = Limits.from_settings(settings)
     app.state.metrics = ApiMetrics(
         redis, prefix=settings.key_prefix, heartbeat_ttl_seconds=settings.heartbeat_ttl_seconds
     )

@@ -1,4 +1,7 @@
-"""Typed dependencies for route handlers; everything comes from the app's state, built once in main."""
+"""Typed dependencies for route handlers; everything comes from the app's state, built once in main.
+
+All are `async def`: FastAPI runs a plain `def` dependency in its threadpool, a thread hop per dependency per
+request, for what is an attribute read."""
 
 from __future__ import annotations
 
@@ -8,47 +11,47 @@ from fastapi import Depends, Request
 from redis import Redis
 from rq import Queue
 
-from service.api.admission import Admission
 from service.api.errors import Unauthorized
 from service.api.metrics import ApiMetrics
+from service.jobs.admission import Limits
 from service.jobs.config import Settings
 from service.jobs.models import ModelSpec
 from service.jobs.storage import Storage
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
-def get_queue(request: Request) -> Queue:
+async def get_queue(request: Request) -> Queue:
     return request.app.state.queue
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_metrics(request: Request) -> ApiMetrics:
+async def get_metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
-def get_model_spec(request: Request) -> ModelSpec:
+async def get_model_spec(request: Request) -> ModelSpec:
     return request.app.state.model_spec
 
 
-def get_request_id(request: Request) -> str | None:
+async def get_request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-def get_admission(request: Request) -> Admission:
-    return request.app.state.admission
+async def get_limits(request: Request) -> Limits:
+    return request.app.state.limits
 
 
-def get_tenant(request: Request) -> str:
+async def get_tenant(request: Request) -> str:
     """The caller's tenant, set by `service.api.auth.AuthMiddleware` (`default` when auth is disabled)."""
     tenant = getattr(request.state, "tenant", None)
     if tenant is None:  # a route outside the protected paths asked for a tenant: refuse rather than guess
@@ -63,5 +66,5 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 ModelSpecDep = Annotated[ModelSpec, Depends(get_model_spec)]
 RequestIdDep = Annotated[str | None, Depends(get_request_id)]
-AdmissionDep = Annotated[Admission, Depends(get_admission)]
+LimitsDep = Annotated[Limits, Depends(get_limits)]
 TenantDep = Annotated[str, Depends(get_tenant)]

@@ -11,9 +11,10 @@ from fastapi.responses import RedirectResponse
 from redis import Redis
 
 from service.api.deps import (
-    AdmissionDep,
+    LimitsDep,
     MetricsDep,
     ModelSpecDep,
+    QueueDep,
     RedisDep,
     RequestIdDep,
     SettingsDep,
@@ -101,23 +102,6 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     return record
 
 
-def replay(r: Redis, settings: Settings, tenant: str, key: str, fingerprint: str) -> JobRecord | None:
-    """The job an earlier request with this Idempotency-Key and body created, or None (go create one).
-    409 when the key came with another body."""
-    held = idempotency.lookup(r, settings.key_prefix, tenant, key)
-    if held is None:
-        return None
-    job_id, held_fingerprint = held
-    if held_fingerprint != fingerprint:
-        raise Conflict(
-            "this Idempotency-Key was already used with another request body; use a new key for a new job",
-            code="idempotency_key_reused",
-            param="header.Idempotency-Key",
-        )
-    record = jobstore.get(r, job_id, prefix=settings.key_prefix)
-    return record if record is not None and record.tenant == tenant else None
-
-
 @router.post(
     "/v1/videos",
     status_code=202,
@@ -142,10 +126,11 @@ def create_video(
     metrics: MetricsDep,
     request_id: RequestIdDep,
     tenant: TenantDep,
-    admission: AdmissionDep,
+    limits: LimitsDep,
+    queue: QueueDep,
     idempotency_key: IdempotencyKey = None,
 ) -> VideoJob:
-    # Order: a request that is invalid (422) or a replay of an accepted one spends no rate-limit token.
+    # A request that is invalid (422) never reaches Redis; a replay of an accepted one spends no rate-limit token.
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN + 1)
     normalized, warnings = normalize(
         body,
@@ -183,35 +168,27 @@ def create_video(
     claim = None
     if idempotency_key is not None:
         fingerprint = idempotency.body_sha256(body.model_dump(mode="json", exclude_unset=True))
-        original = replay(r, settings, tenant, idempotency_key, fingerprint)
-        if original is not None:
-            return replayed(original, response, settings, base_url)
         ttl = min(idempotency.TTL_SECONDS, settings.job_retention_seconds)  # never outlive the job it names
         claim = idempotency.claim(settings.key_prefix, tenant, idempotency_key, fingerprint, ttl)
-    admission.check_rate(tenant)  # 429 over the tenant's submission rate
-    admission.reserve(tenant, record.id)  # 429 over the tenant's or the global queue cap
-    try:
-        # The job record, its Idempotency-Key claim and its RQ entry are written in one MULTI/EXEC: all of
-        # them, or none. A lost reply is retried inside (WATCH): never a second job or a second queue entry.
-        stored, was_replay = jobstore.create(
-            r,
-            record,
-            prefix=settings.key_prefix,
-            enqueue=lambda pipe: queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe),
-            claim=claim,
-            queued_expiry_seconds=settings.queued_expiry_seconds,
-            deadline_seconds=queueing.queued_deadline(settings, record.timeout_seconds),
-        )
-    except BaseException:
-        admission.release(tenant, record.id)  # a reservation only: releasing it never loses a job
-        raise
-    if was_replay:  # a concurrent request with the same key won
-        admission.release(tenant, record.id)
+    # One Lua script, one round trip (service/jobs/jobstore.py `create`): a replay of the Idempotency-Key, the
+    # rate limit and queue caps (429), then the job record, its claim and its RQ entry - all of them, or none.
+    # A lost reply is safe to repeat: the retry finds the job it created.
+    stored, was_replay = jobstore.create(
+        r,
+        record,
+        prefix=settings.key_prefix,
+        rq_entry=queueing.rq_entry(queue, settings, queueing.payload_of(record)),
+        claim=claim,
+        limits=limits,
+        queued_expiry_seconds=settings.queued_expiry_seconds,
+        deadline_seconds=queueing.queued_deadline(settings, record.timeout_seconds),
+    )
+    if was_replay:  # an earlier request with this key created the job
         return replayed(stored, response, settings, base_url)
     metrics.jobs_submitted.labels(spec.name).inc()
     audit("job.created", record, outcome="queued", request_id=request_id, webhook=webhook is not None)
     response.headers["Location"] = f"{base_url}/v1/videos/{record.id}"
-    return present(jobstore.get(r, record.id, prefix=settings.key_prefix) or record, settings)
+    return present(stored, settings)
 
 
 def replayed(original: JobRecord, response: Response, settings: Settings, base_url: str) -> VideoJob:
