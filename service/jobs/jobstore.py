@@ -545,34 +545,39 @@ def trim_indexes(r: Redis, *, prefix: str, retention_seconds: float) -> int:
     return sum(pipe.execute())
 
 
+# KEYS: job, RQ queue, durations. ARGV: job id, durations kept. The job hash as a flat list; for a queued job
+# also its index in the RQ queue (-1: not in it) and the recent durations. LPOS scans the queue, so only a
+# queued job pays for it.
+_GET_LUA = """
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if fields[i] == 'status' then
+    if fields[i + 1] ~= 'queued' then break end
+    local position = redis.call('LPOS', KEYS[2], ARGV[1]) or -1
+    return {fields, position, redis.call('LRANGE', KEYS[3], 0, tonumber(ARGV[2]) - 1)}
+  end
+end
+return {fields}
+"""
+
+
 def get(r: Redis, job_id: str, *, prefix: str) -> JobRecord | None:
-    """The job, or None. While queued it carries `queue_position` (1 = next) and a rough `eta_seconds`."""
+    """The job, or None (one round trip). While queued it carries `queue_position` (1 = next) and a rough
+    `eta_seconds`: position x the mean duration of recent successful jobs."""
     keys = Keys(prefix)
-    pipe = r.pipeline(transaction=False)
-    pipe.hgetall(keys.job(job_id))
-    queue_info_commands(pipe, job_id, prefix=prefix)
-    fields, position, durations = pipe.execute()
-    if not fields:
+    script = r.register_script(_GET_LUA)
+    reply = script(keys=[keys.job(job_id), keys.rq_queue, keys.stats_durations], args=[job_id, DURATIONS_KEPT])
+    flat = reply[0]
+    if not flat:
         return None
-    return with_queue_info(decode(strings(fields)), position, durations)
-
-
-def queue_info_commands(pipe: Pipeline, job_id: str, *, prefix: str) -> None:
-    """Queue the two reads `with_queue_info` needs (LPOS in the RQ queue, recent durations) on `pipe`."""
-    keys = Keys(prefix)
-    pipe.lpos(keys.rq_queue, job_id)
-    pipe.lrange(keys.stats_durations, 0, DURATIONS_KEPT - 1)
-
-
-def with_queue_info(record: JobRecord, position: Any, durations: Sequence[Any]) -> JobRecord:
-    """A queued record with `queue_position` (1 = next) and a rough `eta_seconds`: position × the mean
-    duration of recent successful jobs."""
-    if record.status != JobStatus.queued or position is None:
+    record = decode(strings(dict(zip(flat[::2], flat[1::2], strict=True))))
+    if len(reply) == 1 or reply[1] < 0:
         return record
-    update: dict[str, Any] = {"queue_position": int(position) + 1}
-    recent = [float(d) for d in durations]
+    position = int(reply[1]) + 1
+    update: dict[str, Any] = {"queue_position": position}
+    recent = [float(d) for d in reply[2]]
     if recent:
-        update["eta_seconds"] = round((int(position) + 1) * sum(recent) / len(recent), 1)
+        update["eta_seconds"] = round(position * sum(recent) / len(recent), 1)
     return record.model_copy(update=update)
 
 
