@@ -11,10 +11,7 @@ from fastapi.responses import RedirectResponse
 from redis import Redis
 
 from service.api.deps import (
-    LimitsDep,
-    MetricsDep,
-    ModelSpecDep,
-    QueueDep,
+    ApiDep,
     RedisDep,
     RequestIdDep,
     SettingsDep,
@@ -23,7 +20,7 @@ from service.api.deps import (
 )
 from service.api.errors import Conflict, InvalidRequest, NotFound
 from service.api.files import StoredFileResponse
-from service.api.routes.responses import errors
+from service.api.routes.responses import errors, json_answer
 from service.jobs import deletion, idempotency, jobstore, queueing, webhooks
 from service.jobs.audit import audit
 from service.jobs.config import Settings
@@ -119,17 +116,12 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
 )
 def create_video(
     body: VideoCreate,
-    response: Response,
-    settings: SettingsDep,
-    r: RedisDep,
-    spec: ModelSpecDep,
-    metrics: MetricsDep,
+    api: ApiDep,
     request_id: RequestIdDep,
     tenant: TenantDep,
-    limits: LimitsDep,
-    queue: QueueDep,
     idempotency_key: IdempotencyKey = None,
-) -> VideoJob:
+) -> Response:
+    settings, spec = api.settings, api.model_spec
     # A request that is invalid (422) never reaches Redis; a replay of an accepted one spends no rate-limit token.
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN + 1)
     normalized, warnings = normalize(
@@ -174,27 +166,22 @@ def create_video(
     # rate limit and queue caps (429), then the job record, its claim and its RQ entry - all of them, or none.
     # A lost reply is safe to repeat: the retry finds the job it created.
     stored, was_replay = jobstore.create(
-        r,
+        api.redis,
         record,
         prefix=settings.key_prefix,
-        rq_entry=queueing.rq_entry(queue, settings, queueing.payload_of(record)),
+        rq_entry=queueing.rq_entry(api.queue, settings, queueing.payload_of(record)),
         claim=claim,
-        limits=limits,
+        limits=api.limits,
         queued_expiry_seconds=settings.queued_expiry_seconds,
         deadline_seconds=queueing.queued_deadline(settings, record.timeout_seconds),
     )
+    headers = {"Location": f"{base_url}/v1/videos/{stored.id}"}
     if was_replay:  # an earlier request with this key created the job
-        return replayed(stored, response, settings, base_url)
-    metrics.jobs_submitted.labels(spec.name).inc()
-    audit("job.created", record, outcome="queued", request_id=request_id, webhook=webhook is not None)
-    response.headers["Location"] = f"{base_url}/v1/videos/{record.id}"
-    return present(stored, settings)
-
-
-def replayed(original: JobRecord, response: Response, settings: Settings, base_url: str) -> VideoJob:
-    response.headers["Location"] = f"{base_url}/v1/videos/{original.id}"
-    response.headers["Idempotent-Replayed"] = "true"
-    return present(original, settings)
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        api.metrics.jobs_submitted.labels(spec.name).inc()
+        audit("job.created", record, outcome="queued", request_id=request_id, webhook=webhook is not None)
+    return json_answer(present(stored, settings), status_code=202, headers=headers)
 
 
 @router.get("/v1/videos", response_model=JobList, summary="List jobs, newest first", responses=errors(422, 503))
@@ -219,8 +206,8 @@ def list_videos(
 
 
 @router.get("/v1/videos/{job_id}", response_model=VideoJob, summary="Get a job", responses=errors(404, 422, 503))
-def get_video(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantDep) -> VideoJob:
-    return present(load(r, job_id, settings, tenant), settings)
+def get_video(job_id: JobId, api: ApiDep, tenant: TenantDep) -> Response:
+    return json_answer(present(load(api.redis, job_id, api.settings, tenant), api.settings))
 
 
 @router.post(
