@@ -393,8 +393,9 @@ class RqEntry:
 
 # One round trip per submission. KEYS: job, index, tenant index, active, queued counts, rate bucket, RQ queue,
 # RQ job, RQ's set of queues, [claim]. ARGV: job id, tenant, now (unix s), created score, active score,
-# retention s, rate/s, burst, tenant cap, global cap, n (job hash items), the n items, [claim fingerprint,
-# claim value, claim ttl, job key prefix], the RQ job hash items (none: no RQ entry, and no global cap).
+# retention s, rate/s, burst, tenant cap, global cap, the job hash as one JSON object (one argument to encode
+# rather than fifty), [claim fingerprint, claim value, claim ttl, job key prefix], the RQ job hash items (none:
+# no RQ entry, and no global cap).
 # Order: a retry or a replay spends nothing; then the rate limit, the global cap (push, then pop again when
 # over), the tenant cap (count, then uncount when over); then every write. Returns {outcome, detail}: 1 created
 # (detail: queue position, 0 without RQ entry), 2 this very job exists (an earlier try committed), 3 replay
@@ -403,8 +404,7 @@ _CREATE_LUA = """
 local id, tenant, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rate, burst = tonumber(ARGV[7]), tonumber(ARGV[8])
 local tenant_cap, global_cap = tonumber(ARGV[9]), tonumber(ARGV[10])
-local items = tonumber(ARGV[11])
-local rest = 12 + items
+local rest = 12
 if redis.call('EXISTS', KEYS[1]) == 1 then return {2, ''} end
 if KEYS[10] then
   local held = redis.call('GET', KEYS[10])
@@ -441,7 +441,9 @@ if tenant_cap > 0 and queued > tenant_cap then
   if enqueue then redis.call('RPOP', KEYS[7]) end
   return {6, tostring(queued - 1)}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 12, 11 + items))
+local job = {}
+for field, value in pairs(cjson.decode(ARGV[11])) do job[#job + 1] = field; job[#job + 1] = value end
+redis.call('HSET', KEYS[1], unpack(job))
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[2], ARGV[4], id)
 if tenant ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], id) end
@@ -496,8 +498,8 @@ def create(
     on = limits or admission.Limits(0, 1, 0, 0, 0)
     args: list[Any] = [
         job.id, tenant, time.time(), created, created + (deadline_seconds or job.retention_s), job.retention_s,
-        on.rate_per_second, on.burst, on.max_queued_per_tenant, on.max_queued_total, 2 * len(fields),
-        *(item for pair in fields.items() for item in pair),
+        on.rate_per_second, on.burst, on.max_queued_per_tenant, on.max_queued_total,
+        json.dumps(fields, separators=(",", ":"), ensure_ascii=False),
     ]
     if claim is not None:
         script_keys.append(claim.key)
