@@ -11,9 +11,10 @@ What runs: two real `uvicorn` processes, one worker each, started the way docker
   `enqueue_call` of the same function, and whose GET reads the RQ job hash (one HGETALL) - no auth, no limits.
 Both use one redis-server of the bench's own (no persistence), so INFO commandstats counts only their commands.
 The load generator is `wrk` (compiled; 2 threads, `--connections` connections), its Lua script rotating over
-the 64 keys. A POST round is stopped once `--posts` jobs are queued: with the default caps, 64 tenants x burst 20 and a
-global cap of 1000 admit every one of them, so every POST is a 202 that creates a job (any other status fails
-the run). Redis is flushed before every round, and rounds alternate between the apps (A B, B A, ...).
+the 64 keys. Each wrk thread of a POST round stops after `--posts`/2 answers: with the default caps, 64 tenants x burst 20
+and a global cap of 1000 admit every one of them, so every POST is a 202 that creates a job (any other status
+fails the run). POST throughput is taken from the jobs themselves (first to last RQ `enqueued_at`, the same
+for both apps); latencies come from wrk. Redis is flushed before every round, and rounds alternate between the apps (A B, B A, ...).
 
 Printed: per app the median over rounds of req/s, p50 and p99 (wrk's latency distribution), and the ratios
 bora/bare; Redis commands per created job (commandstats delta / jobs in the queue) broken down by command.
@@ -37,6 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +131,18 @@ def start_app(target: list[str], env: dict[str, str], log: Path) -> tuple[subpro
 WRK_SCRIPT = """
 local keys = {%(keys)s}
 local body = %(body)s
-local method, path = "%(method)s", "%(path)s"
-local counter, sent = 1, 0
+local method, path, stop_after = "%(method)s", "%(path)s", %(stop_after)d
+local counter, sent, answered = 1, 0, 0
 function setup(thread) thread:set("offset", counter * 17); counter = counter + 1 end
 function request()
   sent = sent + 1
   local headers = {["Authorization"] = "Bearer " .. keys[((offset or 0) + sent) %% #keys + 1]}
   if body then headers["Content-Type"] = "application/json" end
   return wrk.format(method, path, headers, body)
+end
+function response(status, headers, response_body)
+  answered = answered + 1
+  if stop_after > 0 and answered >= stop_after then wrk.thread:stop() end
 end
 function done(summary, latency, requests)
   io.write(string.format('RESULT {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, ' ..
@@ -148,13 +154,15 @@ end
 
 
 def run_wrk(folder: Path, base: str, *, method: str, path: str, keys: list[str], body: str | None,
-            connections: int, seconds: int = 60, until: Callable[[], bool] | None = None) -> dict[str, float]:
-    """One wrk run for `seconds`, or until `until()` holds (polled every 5 ms; then wrk is interrupted, and
-    reports the time it really ran). Every answer must be a 2xx."""
+            connections: int, seconds: int = 60, stop_after: int = 0,
+            until: Callable[[], bool] | None = None) -> dict[str, float]:
+    """One wrk run for `seconds`; or each of its threads stops after `stop_after` answers, and wrk is
+    interrupted once `until()` holds (wrk's own duration then includes this poll's lag: take the throughput
+    from the server side, `enqueue_rate`). Every answer must be a 2xx."""
     script = folder / f"{method.lower()}.lua"
     script.write_text(WRK_SCRIPT % {
         "keys": ", ".join(json.dumps(k) for k in keys), "body": json.dumps(body) if body else "nil",
-        "method": method, "path": path,
+        "method": method, "path": path, "stop_after": stop_after,
     })
     wrk = subprocess.Popen(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
                             base + path], stdout=subprocess.PIPE, text=True)
@@ -169,6 +177,16 @@ def run_wrk(folder: Path, base: str, *, method: str, path: str, keys: list[str],
         raise RuntimeError(f"{method} {path}: not every answer was a 2xx: {result}\n{out}")
     return {"rps": result["requests"] / (result["duration_us"] / 1e6), "p50_ms": result["p50_us"] / 1e3,
             "p99_ms": result["p99_us"] / 1e3, "requests": result["requests"]}
+
+
+def enqueue_rate(r: Redis, queue_key: str) -> float:
+    """Jobs per second from the first job's RQ `enqueued_at` to the last one's: the same clock for both apps,
+    unaffected by wrk's start or by when the harness noticed the round was over."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in r.lrange(queue_key, 0, -1):
+        pipe.hget(b"rq:job:" + job_id, "enqueued_at")
+    stamps = sorted(datetime.fromisoformat(t.decode().replace("Z", "+00:00")).timestamp() for t in pipe.execute())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def commandstats(r: Redis) -> dict[str, int]:
@@ -213,15 +231,17 @@ def main() -> None:
         for _, base in apps.values():  # warm-up: imports, the script cache, every key verified once
             r.flushall()
             run_wrk(folder, base, method="POST", path="/v1/videos", keys=keys, body=body,
-                    connections=args.connections, until=jobs_reach(4 * TENANTS))
+                    connections=args.connections, stop_after=2 * TENANTS, until=jobs_reach(4 * TENANTS))
         order = list(apps)
         for round_ in range(args.rounds):
             for name in order if round_ % 2 == 0 else order[::-1]:
                 r.flushall()
                 before = commandstats(r)
-                posts[name].append(run_wrk(folder, apps[name][1], method="POST", path="/v1/videos", keys=keys,
-                                           body=body, connections=args.connections, until=jobs_reach(args.posts)))
+                run = run_wrk(folder, apps[name][1], method="POST", path="/v1/videos", keys=keys, body=body,
+                              connections=args.connections, stop_after=args.posts // 2,
+                              until=jobs_reach(args.posts // 2 * 2))
                 after, jobs = commandstats(r), r.llen(queue_key)
+                posts[name].append(run | {"rps": enqueue_rate(r, queue_key)})
                 if name == "bora":
                     commands.append({c: (n - before.get(c, 0)) / jobs for c, n in after.items()
                                      if c not in ("info", "llen", "flushall") and n != before.get(c, 0)})

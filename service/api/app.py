@@ -18,7 +18,7 @@ from service.api.routes import events, health, playground, videos, webhooks
 from service.jobs import logs, reaper
 from service.jobs.admission import Limits
 from service.jobs.config import Settings, get_settings
-from service.jobs.connection import connect
+from service.jobs.connection import connect, connect_async
 from service.jobs.models import MODELS
 from service.jobs.storage import make_storage
 from service.keys import KeyStore
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         stop_reaper.set()
         redis.close()
+        await app.state.api.aredis.aclose()
 
     # /docs and /redoc with their assets served from the package, not a CDN: they work on an offline host
     app = FastAPIOffline(title="Bora video API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api = Api(
         settings=settings,
         redis=redis,
+        aredis=connect_async(settings),
         queue=Queue(settings.queue_name, connection=redis, default_timeout=settings.job_timeout_seconds),
         storage=make_storage(settings),
         metrics=ApiMetrics(redis, prefix=settings.key_prefix, heartbeat_ttl_seconds=settings.heartbeat_ttl_seconds),

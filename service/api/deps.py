@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
 from service.api.errors import Unauthorized
@@ -27,6 +28,7 @@ class Api:
 
     settings: Settings
     redis: Redis
+    aredis: AsyncRedis  # the hot routes' client: they await Redis on the event loop, no thread hop
     queue: Queue
     storage: Storage
     metrics: ApiMetrics

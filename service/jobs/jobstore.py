@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
@@ -461,6 +462,75 @@ return {1, tostring(position)}
 CREATED, CREATED_BEFORE, REPLAY, CLAIM_CONFLICT = 1, 2, 3, 4
 
 
+@dataclass(frozen=True)
+class _Create:
+    """One create script call: its keys and arguments, and what its answers mean."""
+
+    job: JobRecord
+    keys: list[str]
+    args: list[Any]
+    limits: admission.Limits
+
+    @classmethod
+    def of(
+        cls,
+        job: JobRecord,
+        prefix: str,
+        retention_seconds: int | None,
+        rq_entry: RqEntry | None,
+        claim: Claim | None,
+        limits: admission.Limits | None,
+        queued_expiry_seconds: float | None,
+        deadline_seconds: float | None,
+    ) -> _Create:
+        keys = Keys(prefix)
+        if retention_seconds is not None:
+            job = job.model_copy(update={"retention_s": retention_seconds})
+        created = job.created_at.timestamp()
+        fields = encode(job)
+        if queued_expiry_seconds is not None:
+            fields["expires_unix"] = str(created + queued_expiry_seconds)
+        tenant = job.tenant or ""
+        script_keys = [
+            keys.job(job.id), keys.jobs, keys.tenant_jobs(tenant), keys.active, keys.queued_counts,
+            keys.rate(tenant), rq_entry.queue_key if rq_entry else keys.rq_queue, rq_entry.job_key if rq_entry else "",
+            RQ_QUEUES,
+        ]
+        on = limits or admission.Limits(0, 1, 0, 0, 0)
+        args: list[Any] = [
+            job.id, tenant, time.time(), created, created + (deadline_seconds or job.retention_s), job.retention_s,
+            on.rate_per_second, on.burst, on.max_queued_per_tenant, on.max_queued_total,
+            json.dumps(fields, separators=(",", ":"), ensure_ascii=False),
+        ]
+        if claim is not None:
+            script_keys.append(claim.key)
+            value = json.dumps({"body_sha256": claim.body_sha256, "job_id": job.id, "claimed_at": time.time()})
+            args += [claim.body_sha256, value, claim.ttl, keys.job("")]
+        if rq_entry is not None:
+            args += [item for pair in rq_entry.fields.items() for item in pair]
+        return cls(job, script_keys, args, on)
+
+    def settle(self, reply: Sequence[Any]) -> tuple[JobRecord | str, bool]:
+        """(the new record, False); or (the id of the job to answer with, replayed) when the script found this
+        job created by an earlier try, or the Idempotency-Key's job. Raises `Conflict` or `Refused`."""
+        outcome, detail = int(reply[0]), reply[1]
+        detail = detail.decode() if isinstance(detail, bytes) else detail
+        if outcome == CREATED:
+            position = int(detail)
+            return (self.job.model_copy(update={"queue_position": position}) if position else self.job), False
+        if outcome == CREATED_BEFORE:
+            return self.job.id, False
+        if outcome == REPLAY:
+            return detail, True
+        if outcome == CLAIM_CONFLICT:
+            raise Conflict(
+                "this Idempotency-Key was already used with another request body; use a new key for a new job",
+                code="idempotency_key_reused",
+                param="header.Idempotency-Key",
+            )
+        raise admission.refusal(outcome, detail, self.limits, self.job.tenant or "")
+
+
 def create(
     r: Redis,
     job: JobRecord,
@@ -482,51 +552,44 @@ def create(
     and a request whose Idempotency-Key another request holds gets that request's job back (replayed=True) -
     or `Conflict` when it came with another body. `queued_expiry_seconds`: past it the job fails `expired`
     instead of starting; `deadline_seconds`: when it counts as overdue (the active set). The indexes are
-    trimmed by the reaper (`trim_indexes`), not here."""
-    keys = Keys(prefix)
-    if retention_seconds is not None:
-        job = job.model_copy(update={"retention_s": retention_seconds})
-    created = job.created_at.timestamp()
-    fields = encode(job)
-    if queued_expiry_seconds is not None:
-        fields["expires_unix"] = str(created + queued_expiry_seconds)
-    tenant = job.tenant or ""
-    script_keys = [
-        keys.job(job.id), keys.jobs, keys.tenant_jobs(tenant), keys.active, keys.queued_counts, keys.rate(tenant),
-        rq_entry.queue_key if rq_entry else keys.rq_queue, rq_entry.job_key if rq_entry else "", RQ_QUEUES,
-    ]
-    on = limits or admission.Limits(0, 1, 0, 0, 0)
-    args: list[Any] = [
-        job.id, tenant, time.time(), created, created + (deadline_seconds or job.retention_s), job.retention_s,
-        on.rate_per_second, on.burst, on.max_queued_per_tenant, on.max_queued_total,
-        json.dumps(fields, separators=(",", ":"), ensure_ascii=False),
-    ]
-    if claim is not None:
-        script_keys.append(claim.key)
-        value = json.dumps({"body_sha256": claim.body_sha256, "job_id": job.id, "claimed_at": time.time()})
-        args += [claim.body_sha256, value, claim.ttl, keys.job("")]
-    if rq_entry is not None:
-        args += [item for pair in rq_entry.fields.items() for item in pair]
+    trimmed by the reaper (`trim_indexes`), not here. `create_async` is the same for an asyncio client."""
+    call = _Create.of(job, prefix, retention_seconds, rq_entry, claim, limits, queued_expiry_seconds, deadline_seconds)
     script = r.register_script(_CREATE_LUA)
     for _ in range(2):  # a second time only when a replayed job vanished between the script and the read
-        outcome, detail = script(keys=script_keys, args=args)
-        detail = detail.decode() if isinstance(detail, bytes) else detail
-        if outcome == CREATED:
-            position = int(detail)
-            return (job.model_copy(update={"queue_position": position}) if position else job), False
-        if outcome == CREATED_BEFORE:
-            return _must_get(r, job.id, prefix=prefix), False
-        if outcome == CLAIM_CONFLICT:
-            raise Conflict(
-                "this Idempotency-Key was already used with another request body; use a new key for a new job",
-                code="idempotency_key_reused",
-                param="header.Idempotency-Key",
-            )
-        if outcome != REPLAY:
-            raise admission.refusal(outcome, detail, on, tenant)
-        original = get(r, detail, prefix=prefix)
-        if original is not None:
-            return original, True
+        answer, replayed = call.settle(script(keys=call.keys, args=call.args))
+        if isinstance(answer, JobRecord):
+            return answer, False
+        record = get(r, answer, prefix=prefix)
+        if record is not None:
+            return record, replayed
+        if not replayed:  # created by an earlier try, and deleted since: never made again
+            raise JobNotFound(f"no job {job.id}", param="id")
+    raise JobNotFound(f"the job of this Idempotency-Key vanished twice while job {job.id} was created")
+
+
+async def create_async(
+    r: AsyncRedis,
+    job: JobRecord,
+    *,
+    prefix: str,
+    rq_entry: RqEntry | None = None,
+    claim: Claim | None = None,
+    limits: admission.Limits | None = None,
+    queued_expiry_seconds: float | None = None,
+    deadline_seconds: float | None = None,
+) -> tuple[JobRecord, bool]:
+    """`create` on an asyncio client (the API's submission route)."""
+    call = _Create.of(job, prefix, None, rq_entry, claim, limits, queued_expiry_seconds, deadline_seconds)
+    script = r.register_script(_CREATE_LUA)
+    for _ in range(2):
+        answer, replayed = call.settle(await script(keys=call.keys, args=call.args))
+        if isinstance(answer, JobRecord):
+            return answer, False
+        record = await get_async(r, answer, prefix=prefix)
+        if record is not None:
+            return record, replayed
+        if not replayed:  # created by an earlier try, and deleted since: never made again
+            raise JobNotFound(f"no job {job.id}", param="id")
     raise JobNotFound(f"the job of this Idempotency-Key vanished twice while job {job.id} was created")
 
 
@@ -565,10 +628,22 @@ return {fields}
 
 def get(r: Redis, job_id: str, *, prefix: str) -> JobRecord | None:
     """The job, or None (one round trip). While queued it carries `queue_position` (1 = next) and a rough
-    `eta_seconds`: position x the mean duration of recent successful jobs."""
-    keys = Keys(prefix)
+    `eta_seconds`: position x the mean duration of recent successful jobs. `get_async`: the same, asyncio."""
+    return _read(r.register_script(_GET_LUA)(keys=_get_keys(job_id, prefix), args=[job_id, DURATIONS_KEPT]))
+
+
+async def get_async(r: AsyncRedis, job_id: str, *, prefix: str) -> JobRecord | None:
     script = r.register_script(_GET_LUA)
-    reply = script(keys=[keys.job(job_id), keys.rq_queue, keys.stats_durations], args=[job_id, DURATIONS_KEPT])
+    return _read(await script(keys=_get_keys(job_id, prefix), args=[job_id, DURATIONS_KEPT]))
+
+
+def _get_keys(job_id: str, prefix: str) -> list[str]:
+    keys = Keys(prefix)
+    return [keys.job(job_id), keys.rq_queue, keys.stats_durations]
+
+
+def _read(reply: Sequence[Any]) -> JobRecord | None:
+    """The record `_GET_LUA`'s reply describes."""
     flat = reply[0]
     if not flat:
         return None

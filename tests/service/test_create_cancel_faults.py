@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 from rq.job import Job
@@ -49,17 +49,17 @@ def test_an_ambiguous_create_makes_one_job_and_one_queue_entry(settings, api_key
 def test_a_create_whose_commit_was_not_confirmed_is_not_made_twice(client, settings, redis_conn, monkeypatch):
     """Failure 6: the create's script ran but the API saw an error; it used to release the Idempotency-Key, so
     the client's retry made a second job. The claim is written by the same script as the job."""
-    real, lost = Redis.evalsha, []
+    real, lost = AsyncRedis.evalsha, []
     create_sha = hashlib.sha1(jobstore._CREATE_LUA.encode()).hexdigest()
 
-    def committed_then_lost(self, sha, numkeys, *keys_and_args):
-        result = real(self, sha, numkeys, *keys_and_args)
+    async def committed_then_lost(self, sha, numkeys, *keys_and_args):
+        result = await real(self, sha, numkeys, *keys_and_args)
         if sha == create_sha and not lost:
             lost.append(True)
             raise RedisConnectionError("Connection closed by server.")
         return result
 
-    monkeypatch.setattr(Redis, "evalsha", committed_then_lost)
+    monkeypatch.setattr(AsyncRedis, "evalsha", committed_then_lost)
     first = client.post("/v1/videos", json={"prompt": "a heart"}, headers={"Idempotency-Key": "k"})
     again = client.post("/v1/videos", json={"prompt": "a heart"}, headers={"Idempotency-Key": "k"})
     assert lost and first.status_code == 503 and again.status_code == 202

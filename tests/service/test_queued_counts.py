@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from redis.asyncio.connection import Connection as AsyncConnection
 from redis.connection import Connection
 from rq import Queue
 
@@ -150,14 +151,19 @@ def test_a_submission_is_one_round_trip_whatever_the_backlog(settings, api_key, 
     settings = settings.model_copy(update={
         "redis_url": private_redis, "rate_limit_burst": defaults.rate_limit_burst, "reaper_interval_seconds": 3600,
     })
-    sent = [0]
-    real_send = Connection.send_packed_command
+    sent = [0]  # requests written to Redis by either client (the submission route uses the asyncio one)
+    real_send, real_send_async = Connection.send_packed_command, AsyncConnection.send_packed_command
 
     def counted(self, command, check_health=True):
         sent[0] += 1
         return real_send(self, command, check_health)
 
+    async def counted_async(self, command, check_health=True):
+        sent[0] += 1
+        return await real_send_async(self, command, check_health)
+
     monkeypatch.setattr(Connection, "send_packed_command", counted)
+    monkeypatch.setattr(AsyncConnection, "send_packed_command", counted_async)
     r = Redis.from_url(private_redis)
 
     def cost_of_posts(client: TestClient, n: int) -> tuple[dict[str, float], float]:

@@ -94,6 +94,10 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     """The caller's job, or 404 — also for another tenant's job, so ids leak nothing. An id that isn't one of
     ours never reaches Redis (`vid_…:webhooks` would otherwise name another key of the job)."""
     record = jobstore.get(r, job_id, prefix=settings.key_prefix) if jobstore.JOB_ID.fullmatch(job_id) else None
+    return owned(record, job_id, tenant)
+
+
+def owned(record: JobRecord | None, job_id: str, tenant: str | None) -> JobRecord:
     if record is None or record.tenant != tenant:
         raise JobNotFound(f"no job {job_id}", param="job_id")
     return record
@@ -114,7 +118,7 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     summary="Submit a video job (alias of POST /v1/videos)",
     responses=errors(400, 409, 413, 415, 422, 429, 503),
 )
-def create_video(
+async def create_video(
     body: VideoCreate,
     api: ApiDep,
     request_id: RequestIdDep,
@@ -164,9 +168,10 @@ def create_video(
         claim = idempotency.claim(settings.key_prefix, tenant, idempotency_key, fingerprint, ttl)
     # One Lua script, one round trip (service/jobs/jobstore.py `create`): a replay of the Idempotency-Key, the
     # rate limit and queue caps (429), then the job record, its claim and its RQ entry - all of them, or none.
-    # A lost reply is safe to repeat: the retry finds the job it created.
-    stored, was_replay = jobstore.create(
-        api.redis,
+    # A lost reply is safe to repeat: the retry finds the job it created. Awaited on the event loop: an async
+    # route holds no thread, where a `def` route costs two thread hops (the route, then its response).
+    stored, was_replay = await jobstore.create_async(
+        api.aredis,
         record,
         prefix=settings.key_prefix,
         rq_entry=queueing.rq_entry(api.queue, settings, queueing.payload_of(record)),
@@ -206,8 +211,10 @@ def list_videos(
 
 
 @router.get("/v1/videos/{job_id}", response_model=VideoJob, summary="Get a job", responses=errors(404, 422, 503))
-def get_video(job_id: JobId, api: ApiDep, tenant: TenantDep) -> Response:
-    return json_answer(present(load(api.redis, job_id, api.settings, tenant), api.settings))
+async def get_video(job_id: JobId, api: ApiDep, tenant: TenantDep) -> Response:
+    prefix = api.settings.key_prefix
+    record = await jobstore.get_async(api.aredis, job_id, prefix=prefix) if jobstore.JOB_ID.fullmatch(job_id) else None
+    return json_answer(present(owned(record, job_id, tenant), api.settings))
 
 
 @router.post(
