@@ -291,7 +291,7 @@ def report(args: Any, defaults: Any, posts: dict[str, list[dict[str, float]]], g
     # The API's reaper thread (every 10 s, as deployed) adds its own commands to a round it falls into: count
     # the round with the fewest, and say how many the busiest had.
     per_job = min(commands, key=lambda run: sum(run.values()))
-    breakdown = ", ".join(f"{c} {n:.2f}" for c, n in sorted(per_job.items(), key=lambda item: -item[1]))
+    breakdown = ", ".join(f"{c} {n:.2f}" for c, n in sorted(per_job.items(), key=lambda item: -item[1]) if n >= 0.05)
     print(f"Redis commands per bora POST (INFO commandstats delta / jobs created, quietest round): "
           f"{sum(per_job.values()):.2f} ({breakdown}); busiest round {max(sum(run.values()) for run in commands):.2f}"
           " (a reaper pass fell into it)")
