@@ -36,10 +36,6 @@ class Api:
     limits: Limits
 
 
-async def get_api(request: Request) -> Api:
-    return request.app.state.api
-
-
 async def get_settings(request: Request) -> Settings:
     return request.app.state.api.settings
 
@@ -68,7 +64,20 @@ async def get_tenant(request: Request) -> str:
     return str(tenant)
 
 
-ApiDep = Annotated[Api, Depends(get_api)]
+@dataclass(frozen=True)
+class Caller:
+    """Everything a hot route needs, as one dependency: the app's parts and who is calling."""
+
+    api: Api
+    tenant: str
+    request_id: str | None
+
+
+async def get_caller(request: Request) -> Caller:
+    return Caller(request.app.state.api, await get_tenant(request), await get_request_id(request))
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 StorageDep = Annotated[Storage, Depends(get_storage)]

@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse
 from redis import Redis
 
 from service.api.deps import (
-    ApiDep,
+    CallerDep,
     RedisDep,
     RequestIdDep,
     SettingsDep,
@@ -118,13 +118,8 @@ def owned(record: JobRecord | None, job_id: str, tenant: str | None) -> JobRecor
     summary="Submit a video job (alias of POST /v1/videos)",
     responses=errors(400, 409, 413, 415, 422, 429, 503),
 )
-async def create_video(
-    body: VideoCreate,
-    api: ApiDep,
-    request_id: RequestIdDep,
-    tenant: TenantDep,
-    idempotency_key: IdempotencyKey = None,
-) -> Response:
+async def create_video(body: VideoCreate, caller: CallerDep, idempotency_key: IdempotencyKey = None) -> Response:
+    api, tenant, request_id = caller.api, caller.tenant, caller.request_id
     settings, spec = api.settings, api.model_spec
     # A request that is invalid (422) never reaches Redis; a replay of an accepted one spends no rate-limit token.
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN + 1)
@@ -211,10 +206,11 @@ def list_videos(
 
 
 @router.get("/v1/videos/{job_id}", response_model=VideoJob, summary="Get a job", responses=errors(404, 422, 503))
-async def get_video(job_id: JobId, api: ApiDep, tenant: TenantDep) -> Response:
+async def get_video(job_id: JobId, caller: CallerDep) -> Response:
+    api = caller.api
     prefix = api.settings.key_prefix
     record = await jobstore.get_async(api.aredis, job_id, prefix=prefix) if jobstore.JOB_ID.fullmatch(job_id) else None
-    return json_answer(present(owned(record, job_id, tenant), api.settings))
+    return json_answer(present(owned(record, job_id, caller.tenant), api.settings))
 
 
 @router.post(
