@@ -11,13 +11,14 @@ from fastapi_offline import FastAPIOffline
 from rq import Queue
 
 from service.api import auth, handlers
-from service.api.admission import Admission
+from service.api.deps import Api
 from service.api.metrics import ApiMetrics, MetricsMiddleware
 from service.api.middleware import RequestIdMiddleware, RequestLimitsMiddleware
 from service.api.routes import events, health, playground, videos, webhooks
 from service.jobs import logs, reaper
+from service.jobs.admission import Limits
 from service.jobs.config import Settings, get_settings
-from service.jobs.connection import connect
+from service.jobs.connection import connect, connect_async
 from service.jobs.models import MODELS
 from service.jobs.storage import make_storage
 from service.keys import KeyStore
@@ -37,22 +38,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Jobs of dead workers are recovered even while no worker runs (each worker runs a reaper too).
         stop_reaper = threading.Event()
         if settings.reaper_in_api:
-            reaper.start(redis, settings, stop_reaper, storage=app.state.storage)
+            reaper.start(redis, settings, stop_reaper, storage=app.state.api.storage)
         yield
         stop_reaper.set()
         redis.close()
+        await app.state.api.aredis.aclose()
 
     # /docs and /redoc with their assets served from the package, not a CDN: they work on an offline host
     app = FastAPIOffline(title="Bora video API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.redis = redis
-    app.state.queue = Queue(settings.queue_name, connection=redis, default_timeout=settings.job_timeout_seconds)
-    app.state.storage = make_storage(settings)
-    app.state.model_spec = MODELS[settings.model_preset]
-    app.state.keys = KeyStore(settings.api_keys_file)  # type: ignore[arg-type]  # derived, never None
-    app.state.admission = Admission(redis, settings)
-    app.state.metrics = ApiMetrics(
-        redis, prefix=settings.key_prefix, heartbeat_ttl_seconds=settings.heartbeat_ttl_seconds
+    keys = KeyStore(settings.api_keys_file)  # type: ignore[arg-type]  # derived, never None
+    app.state.api = Api(
+        settings=settings,
+        redis=redis,
+        aredis=connect_async(settings),
+        queue=Queue(settings.queue_name, connection=redis, default_timeout=settings.job_timeout_seconds),
+        storage=make_storage(settings),
+        metrics=ApiMetrics(redis, prefix=settings.key_prefix, heartbeat_ttl_seconds=settings.heartbeat_ttl_seconds),
+        model_spec=MODELS[settings.model_preset],
+        limits=Limits.from_settings(settings),
     )
     app.include_router(videos.router)
     app.include_router(events.router)
@@ -63,8 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth.document(app, settings)
     # Added last = outermost: metrics see every answer, including 413s from the body cap.
     app.add_middleware(RequestLimitsMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(auth.AuthMiddleware, settings=settings, keys=app.state.keys)  # 401 before the body is read
+    app.add_middleware(auth.AuthMiddleware, settings=settings, keys=keys)  # 401 before the body is read
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.api.metrics)
     return app
 

@@ -117,6 +117,7 @@ _FROM_DOMAIN: tuple[tuple[type[domain.JobsError], type[ApiError]], ...] = (
     (domain.NotFound, NotFound),
     (domain.Conflict, Conflict),
     (domain.StorageError, ServiceUnavailable),
+    (domain.Refused, RateLimited),
 )
 
 def from_domain(exc: domain.JobsError) -> ApiError:

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     list_default_limit: int = Field(20, ge=1)
     list_max_limit: int = Field(100, ge=1)
 
-    # --- auth and admission control (service/api/auth.py, service/api/admission.py) ----------------------------
+    # --- auth and admission control (service/api/auth.py, service/jobs/admission.py) ---------------------------
     auth: Literal["required", "disabled"] = Field(
         "required", description="`disabled` serves every request as tenant `default`; loopback hosts only"
     )

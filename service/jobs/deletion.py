@@ -3,7 +3,7 @@
 `delete_job` removes, in this order: every stored object of the job (local or S3: the outputs the record
 names and every attempt's output keys, in case a failed or superseded run left some), then in one MULTI/EXEC
 the job hash,
-its places in the listings and the admission set, its webhook attempt log, the RQ queue entry, and finally
+its places in the listings, its webhook attempt log, the RQ queue entry, and finally
 RQ's copy of the payload and the job's Idempotency-Key entry. Objects go first so that a storage outage
 (StorageError, 503) leaves the record in place and the client can retry; every step is safe to repeat.
 
@@ -48,7 +48,6 @@ def delete_job(
     pipe.zrem(names.jobs, record.id)
     if record.tenant:
         pipe.zrem(names.tenant_jobs(record.tenant), record.id)
-        pipe.zrem(f"{prefix}:tenant:{record.tenant}:pending", record.id)
     pipe.lrem(names.rq_queue, 0, record.id)
     pipe.execute()
     with contextlib.suppress(NoSuchJobError):

@@ -75,3 +75,13 @@ class StorageError(JobsError):
     """Object storage failed (unreachable, denied, missing bucket)."""
 
     code = "storage_unavailable"
+
+
+class Refused(JobsError):
+    """Admission control turned a submission away (rate limit, a queue cap): retry after `retry_after_seconds`."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, code: str, retry_after_seconds: int) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_seconds = retry_after_seconds

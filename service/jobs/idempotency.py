@@ -2,9 +2,10 @@
 
 Key `{prefix}:idem:{tenant}:{key}` -> JSON {body_sha256, job_id, claimed_at}, kept 24 h (never longer than the
 job it names), per tenant so two tenants may use the same key. The claim is written in the same transaction
-as the job and its queue entry (`jobstore.create(claim=...)`), so a key names a job that exists or none at
-all, whatever fails in between: there is nothing to release and no claim without a job. `lookup` lets the
-API answer a replay before spending a rate-limit token; `create` settles races between concurrent requests.
+as the job and its queue entry (`jobstore.create(claim=...)`, one Lua script), so a key names a job that exists
+or none at all, whatever fails in between: there is nothing to release and no claim without a job. The same
+script answers a replay before the rate limit (a replay spends no token) and settles races between concurrent
+requests; `lookup` is for deletion, which drops the key with its job.
 """
 
 from __future__ import annotations

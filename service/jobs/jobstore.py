@@ -11,6 +11,9 @@ Data model (P = settings.key_prefix):
                         TTL = retention, set at create and refreshed on the terminal transition.
   P:jobs                ZSET id -> created_at (unix seconds); listing newest first.
   P:tenant:{t}:jobs     ZSET, the same per tenant.
+  P:queued              HASH tenant -> jobs queued (the per-tenant cap, service/jobs/admission.py), moved by
+                        one by every transition into or out of `queued`, in the transition's own script.
+  P:rate:{t}            STRING, the tenant's submission token bucket (service/jobs/admission.py).
   P:stats:finished      HASH "status:code" -> count, bumped by each terminal transition.
   P:stats:durations     LIST of recent successful `total_s` (newest first, 50 kept), for queue ETAs.
   rq:queue:{P}-videos   RQ's queue; RQ job id == our job id.
@@ -35,11 +38,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 
-from service.jobs import webhooks
+from service.jobs import admission, webhooks
 from service.jobs.errors import (
     Conflict,
     InvalidRequest,
@@ -96,6 +100,13 @@ class Keys:
         return f"{self.prefix}:storage:orphans"
 
     @property
+    def queued_counts(self) -> str:
+        return f"{self.prefix}:queued"
+
+    def rate(self, tenant: str) -> str:
+        return f"{self.prefix}:rate:{tenant}"
+
+    @property
     def stats_finished(self) -> str:
         return f"{self.prefix}:stats:finished"
 
@@ -117,6 +128,7 @@ def queue_name(prefix: str) -> str:
     return f"{prefix}-videos"
 
 
+RQ_QUEUES = "rq:queues"  # RQ's set of queue keys (rq.Queue.redis_queues_keys)
 JOB_ID = re.compile(r"vid_[0-9a-f]{32}")
 
 
@@ -156,7 +168,8 @@ APPLIED, ALREADY, REFUSED, FENCED, MISSING = 1, 2, 0, -2, -1
 # ARGV[1] is a JSON spec: {allowed: [status...], status: new|"", token: run token the job must hold|"",
 # actor: who writes, set: {field: str}, del: [field...], incr: {field: n}, stat: "status:code"|"", ttl: bool,
 # push: "value"|"", active: "remove"|"keep"|<deadline unix s>, adopt: [storage key...]}; ARGV[2] the job id.
-# KEYS: job, stats, durations, active, orphans. A status change records its `actor` in the hash field
+# KEYS: job, stats, durations, active, orphans, queued counts. A status change into or out of `queued` moves
+# the tenant's queued count by one (service/jobs/admission.py). A status change records its `actor` in the hash field
 # `writer`, so the same actor repeating it (its reply was lost) gets ALREADY instead of a refusal.
 # Returns {code, status before}; see the outcome constants above.
 _TRANSITION_LUA = """
@@ -173,7 +186,12 @@ local allowed = false
 for _, s in ipairs(spec['allowed']) do if s == cur then allowed = true end end
 if not allowed then return {0, cur} end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
-if spec['status'] ~= '' then redis.call('HSET', KEYS[1], 'status', spec['status'], 'writer', spec['actor']) end
+if spec['status'] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', spec['status'], 'writer', spec['actor'])
+  if (cur == 'queued') ~= (spec['status'] == 'queued') then
+    redis.call('HINCRBY', KEYS[6], redis.call('HGET', KEYS[1], 'tenant') or '', cur == 'queued' and -1 or 1)
+  end
+end
 for k, v in pairs(spec['set']) do redis.call('HSET', KEYS[1], k, v) end
 for _, k in ipairs(spec['del']) do redis.call('HDEL', KEYS[1], k) end
 for k, n in pairs(spec['incr']) do redis.call('HINCRBY', KEYS[1], k, n) end
@@ -196,7 +214,7 @@ return {1, cur}
 """
 
 # queued -> running. ARGV: worker id, now (ISO), now (unix s), run deadline (unix s), weights sha256|"", stage,
-# job id. The run token is `{worker id}:{attempt}`, attempt counted here. The same worker asking again (its
+# job id. KEYS: job, active, queued counts. The run token is `{worker id}:{attempt}`, attempt counted here. The same worker asking again (its
 # reply was lost) gets ALREADY with its token: a worker process runs one job at a time, so a job running
 # under its id is this very run. Returns {code, status before, token}; code -3: the job expired while queued.
 _START_LUA = """
@@ -217,6 +235,7 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'writer', token, 'run_token', t
   'started_at', ARGV[2], 'updated_at', ARGV[2], 'stage', ARGV[6])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'weights_sha256', ARGV[5]) end
 redis.call('HDEL', KEYS[1], 'eta_seconds')
+redis.call('HINCRBY', KEYS[3], redis.call('HGET', KEYS[1], 'tenant') or '', -1)
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), ARGV[7]) end
 return {1, cur, token}
 """
@@ -261,7 +280,8 @@ def _spec(
 
 
 def _script_keys(keys: Keys, job_id: str) -> list[str]:
-    return [keys.job(job_id), keys.stats_finished, keys.stats_durations, keys.active, keys.orphans]
+    return [keys.job(job_id), keys.stats_finished, keys.stats_durations, keys.active, keys.orphans,
+            keys.queued_counts]
 
 
 def _transition(r: Redis, job_id: str, *, prefix: str, **change: Any) -> tuple[int, str]:
@@ -362,102 +382,279 @@ class Claim:
     ttl: int
 
 
+@dataclass(frozen=True)
+class RqEntry:
+    """A job's RQ entry as RQ itself would write it (service/jobs/queueing.py `rq_entry`): RQ's job hash, and
+    the queue list its id is pushed onto."""
+
+    queue_key: str
+    job_key: str
+    fields: dict[str, Any]
+
+
+# One round trip per submission. KEYS: job, index, tenant index, active, queued counts, rate bucket, RQ queue,
+# RQ job, RQ's set of queues, [claim]. ARGV: job id, tenant, now (unix s), created score, active score,
+# retention s, rate/s, burst, tenant cap, global cap, the job hash as one JSON object (one argument to encode
+# rather than fifty), [claim fingerprint, claim value, claim ttl, job key prefix], the RQ job hash items (none:
+# no RQ entry, and no global cap).
+# Order: a retry or a replay spends nothing; then the rate limit, the global cap (push, then pop again when
+# over), the tenant cap (count, then uncount when over); then every write. Returns {outcome, detail}: 1 created
+# (detail: queue position, 0 without RQ entry), 2 this very job exists (an earlier try committed), 3 replay
+# (detail: the job id the claim names), 4 the claim names another body, or a refusal (service/jobs/admission.py).
+_CREATE_LUA = """
+local id, tenant, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local rate, burst = tonumber(ARGV[7]), tonumber(ARGV[8])
+local tenant_cap, global_cap = tonumber(ARGV[9]), tonumber(ARGV[10])
+local rest = 12
+if redis.call('EXISTS', KEYS[1]) == 1 then return {2, ''} end
+if KEYS[10] then
+  local held = redis.call('GET', KEYS[10])
+  if held then
+    local holder = cjson.decode(held)
+    if holder['body_sha256'] ~= ARGV[rest] then return {4, ''} end
+    if redis.call('EXISTS', ARGV[rest + 3] .. holder['job_id']) == 1 then return {3, holder['job_id']} end
+  end
+end
+if rate > 0 then
+  local tokens, updated = burst, now
+  local state = redis.call('GET', KEYS[6])
+  if state then
+    local space = string.find(state, ' ')
+    tokens, updated = tonumber(string.sub(state, 1, space - 1)), tonumber(string.sub(state, space + 1))
+  end
+  tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
+  if tokens < 1 then return {5, tostring((1 - tokens) / rate)} end
+  tokens = tokens - 1
+  redis.call('SET', KEYS[6], tostring(tokens) .. ' ' .. tostring(now), 'PX', math.ceil((burst - tokens) / rate * 1000) + 1000)
+end
+local enqueue = #ARGV >= rest + (KEYS[10] and 4 or 0)
+local position = 0
+if enqueue then
+  position = redis.call('RPUSH', KEYS[7], id)
+  if global_cap > 0 and position > global_cap then
+    redis.call('RPOP', KEYS[7])
+    return {7, tostring(position - 1)}
+  end
+end
+local queued = redis.call('HINCRBY', KEYS[5], tenant, 1)
+if tenant_cap > 0 and queued > tenant_cap then
+  redis.call('HINCRBY', KEYS[5], tenant, -1)
+  if enqueue then redis.call('RPOP', KEYS[7]) end
+  return {6, tostring(queued - 1)}
+end
+local job = {}
+for field, value in pairs(cjson.decode(ARGV[11])) do job[#job + 1] = field; job[#job + 1] = value end
+redis.call('HSET', KEYS[1], unpack(job))
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[4], id)
+if tenant ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], id) end
+redis.call('ZADD', KEYS[4], ARGV[5], id)
+if KEYS[10] then
+  redis.call('SET', KEYS[10], ARGV[rest + 1], 'EX', ARGV[rest + 2])
+  rest = rest + 4
+end
+if enqueue then
+  redis.call('HSET', KEYS[8], unpack(ARGV, rest, #ARGV))
+  if position == 1 then redis.call('SADD', KEYS[9], KEYS[7]) end  -- the queue list was just created
+end
+return {1, tostring(position)}
+"""
+CREATED, CREATED_BEFORE, REPLAY, CLAIM_CONFLICT = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class _Create:
+    """One create script call: its keys and arguments, and what its answers mean."""
+
+    job: JobRecord
+    keys: list[str]
+    args: list[Any]
+    limits: admission.Limits
+
+    @classmethod
+    def of(
+        cls,
+        job: JobRecord,
+        prefix: str,
+        retention_seconds: int | None,
+        rq_entry: RqEntry | None,
+        claim: Claim | None,
+        limits: admission.Limits | None,
+        queued_expiry_seconds: float | None,
+        deadline_seconds: float | None,
+    ) -> _Create:
+        keys = Keys(prefix)
+        if retention_seconds is not None:
+            job = job.model_copy(update={"retention_s": retention_seconds})
+        created = job.created_at.timestamp()
+        fields = encode(job)
+        if queued_expiry_seconds is not None:
+            fields["expires_unix"] = str(created + queued_expiry_seconds)
+        tenant = job.tenant or ""
+        script_keys = [
+            keys.job(job.id), keys.jobs, keys.tenant_jobs(tenant), keys.active, keys.queued_counts,
+            keys.rate(tenant), rq_entry.queue_key if rq_entry else keys.rq_queue, rq_entry.job_key if rq_entry else "",
+            RQ_QUEUES,
+        ]
+        on = limits or admission.Limits(0, 1, 0, 0, 0)
+        args: list[Any] = [
+            job.id, tenant, time.time(), created, created + (deadline_seconds or job.retention_s), job.retention_s,
+            on.rate_per_second, on.burst, on.max_queued_per_tenant, on.max_queued_total,
+            json.dumps(fields, separators=(",", ":"), ensure_ascii=False),
+        ]
+        if claim is not None:
+            script_keys.append(claim.key)
+            value = json.dumps({"body_sha256": claim.body_sha256, "job_id": job.id, "claimed_at": time.time()})
+            args += [claim.body_sha256, value, claim.ttl, keys.job("")]
+        if rq_entry is not None:
+            args += [item for pair in rq_entry.fields.items() for item in pair]
+        return cls(job, script_keys, args, on)
+
+    def settle(self, reply: Sequence[Any]) -> tuple[JobRecord | str, bool]:
+        """(the new record, False); or (the id of the job to answer with, replayed) when the script found this
+        job created by an earlier try, or the Idempotency-Key's job. Raises `Conflict` or `Refused`."""
+        outcome, detail = int(reply[0]), reply[1]
+        detail = detail.decode() if isinstance(detail, bytes) else detail
+        if outcome == CREATED:
+            position = int(detail)
+            return (self.job.model_copy(update={"queue_position": position}) if position else self.job), False
+        if outcome == CREATED_BEFORE:
+            return self.job.id, False
+        if outcome == REPLAY:
+            return detail, True
+        if outcome == CLAIM_CONFLICT:
+            raise Conflict(
+                "this Idempotency-Key was already used with another request body; use a new key for a new job",
+                code="idempotency_key_reused",
+                param="header.Idempotency-Key",
+            )
+        raise admission.refusal(outcome, detail, self.limits, self.job.tenant or "")
+
+
 def create(
     r: Redis,
     job: JobRecord,
     *,
     prefix: str,
     retention_seconds: int | None = None,
-    enqueue: Callable[[Pipeline], None] | None = None,
+    rq_entry: RqEntry | None = None,
     claim: Claim | None = None,
+    limits: admission.Limits | None = None,
     queued_expiry_seconds: float | None = None,
     deadline_seconds: float | None = None,
 ) -> tuple[JobRecord, bool]:
-    """Store a new job (status queued), index it, and in the same MULTI/EXEC write its Idempotency-Key claim
-    and, through `enqueue(pipe)`, its RQ entry: all of them exist, or none. Returns (record, replayed).
+    """Store a new job (status queued) and index it, count it as queued for its tenant, and write its
+    Idempotency-Key claim and its RQ entry: one Lua script, one round trip, whose cost does not grow with the
+    backlog. With `limits`, the rate limit and queue caps are checked first (`Refused` when over one).
+    Returns (record, replayed); the record carries its `queue_position` when it was just enqueued.
 
-    Safe to retry and to race: the job's and the claim's keys are WATCHed, so a retry after a lost reply finds
-    the job it created, and a request whose claim another request won gets that request's job back
-    (replayed=True) - or `Conflict` when it came with another body. `queued_expiry_seconds`: past it the job
-    fails `expired` instead of starting; `deadline_seconds`: when it counts as overdue (the active set)."""
+    Safe to retry and to race: a retry after a lost reply finds the job it created (nothing is spent twice),
+    and a request whose Idempotency-Key another request holds gets that request's job back (replayed=True) -
+    or `Conflict` when it came with another body. `queued_expiry_seconds`: past it the job fails `expired`
+    instead of starting; `deadline_seconds`: when it counts as overdue (the active set). The indexes are
+    trimmed by the reaper (`trim_indexes`), not here. `create_async` is the same for an asyncio client."""
+    call = _Create.of(job, prefix, retention_seconds, rq_entry, claim, limits, queued_expiry_seconds, deadline_seconds)
+    script = r.register_script(_CREATE_LUA)
+    for _ in range(2):  # a second time only when a replayed job vanished between the script and the read
+        answer, replayed = call.settle(script(keys=call.keys, args=call.args))
+        if isinstance(answer, JobRecord):
+            return answer, False
+        record = get(r, answer, prefix=prefix)
+        if record is not None:
+            return record, replayed
+        if not replayed:  # created by an earlier try, and deleted since: never made again
+            raise JobNotFound(f"no job {job.id}", param="id")
+    raise JobNotFound(f"the job of this Idempotency-Key vanished twice while job {job.id} was created")
+
+
+async def create_async(
+    r: AsyncRedis,
+    job: JobRecord,
+    *,
+    prefix: str,
+    rq_entry: RqEntry | None = None,
+    claim: Claim | None = None,
+    limits: admission.Limits | None = None,
+    queued_expiry_seconds: float | None = None,
+    deadline_seconds: float | None = None,
+) -> tuple[JobRecord, bool]:
+    """`create` on an asyncio client (the API's submission route)."""
+    call = _Create.of(job, prefix, None, rq_entry, claim, limits, queued_expiry_seconds, deadline_seconds)
+    script = r.register_script(_CREATE_LUA)
+    for _ in range(2):
+        answer, replayed = call.settle(await script(keys=call.keys, args=call.args))
+        if isinstance(answer, JobRecord):
+            return answer, False
+        record = await get_async(r, answer, prefix=prefix)
+        if record is not None:
+            return record, replayed
+        if not replayed:  # created by an earlier try, and deleted since: never made again
+            raise JobNotFound(f"no job {job.id}", param="id")
+    raise JobNotFound(f"the job of this Idempotency-Key vanished twice while job {job.id} was created")
+
+
+def queued_count(r: Redis, tenant: str, *, prefix: str) -> int:
+    """The tenant's queued jobs, as the per-tenant cap counts them."""
+    return int(r.hget(Keys(prefix).queued_counts, tenant) or 0)  # type: ignore[arg-type]
+
+
+def trim_indexes(r: Redis, *, prefix: str, retention_seconds: float) -> int:
+    """Drop ids older than the retention from the listing indexes (their hashes have expired); the reaper does
+    this, so a submission does not pay for it. Returns how many were dropped."""
     keys = Keys(prefix)
-    if retention_seconds is not None:
-        job = job.model_copy(update={"retention_s": retention_seconds})
-    created = job.created_at.timestamp()
-    watched = [keys.job(job.id)] + ([claim.key] if claim else [])
-    last: Exception | None = None
-    for _ in range(WATCH_ATTEMPTS):
-        with r.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(*watched)
-                if pipe.exists(keys.job(job.id)):  # an earlier try of this very call committed
-                    return job, False
-                if claim is not None:
-                    held = pipe.get(claim.key)
-                    if held is not None:
-                        holder = json.loads(held)
-                        if holder["body_sha256"] != claim.body_sha256:
-                            raise Conflict(
-                                "this Idempotency-Key was already used with another request body; use a new key "
-                                "for a new job",
-                                code="idempotency_key_reused",
-                                param="header.Idempotency-Key",
-                            )
-                        original = get(r, holder["job_id"], prefix=prefix)
-                        if original is not None:
-                            return original, True
-                pipe.multi()
-                if claim is not None:
-                    value = json.dumps({"body_sha256": claim.body_sha256, "job_id": job.id, "claimed_at": time.time()})
-                    pipe.set(claim.key, value, ex=claim.ttl)
-                fields = encode(job)
-                if queued_expiry_seconds is not None:
-                    fields["expires_unix"] = str(created + queued_expiry_seconds)
-                pipe.hset(keys.job(job.id), mapping=fields)
-                pipe.expire(keys.job(job.id), job.retention_s)
-                pipe.zadd(keys.jobs, {job.id: created})
-                pipe.zremrangebyscore(keys.jobs, "-inf", f"({time.time() - job.retention_s}")
-                pipe.zadd(keys.active, {job.id: created + (deadline_seconds or job.retention_s)})
-                if job.tenant:
-                    pipe.zadd(keys.tenant_jobs(job.tenant), {job.id: created})
-                    pipe.zremrangebyscore(keys.tenant_jobs(job.tenant), "-inf", f"({time.time() - job.retention_s}")
-                if enqueue is not None:
-                    enqueue(pipe)
-                pipe.execute()
-                return job, False
-            except WatchError as exc:
-                last = exc
-    raise RedisConnectionError(f"job {job.id} not confirmed stored after {WATCH_ATTEMPTS} tries") from last
+    cutoff = f"({time.time() - retention_seconds}"
+    indexes = [keys.jobs, *r.scan_iter(match=keys.tenant_jobs("*"), count=1000)]
+    pipe = r.pipeline(transaction=False)
+    for index in indexes:
+        pipe.zremrangebyscore(index, "-inf", cutoff)
+    return sum(pipe.execute())
+
+
+# KEYS: job, RQ queue, durations. ARGV: job id, durations kept. The job hash as a flat list; for a queued job
+# also its index in the RQ queue (-1: not in it) and the recent durations. LPOS scans the queue, so only a
+# queued job pays for it.
+_GET_LUA = """
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if fields[i] == 'status' then
+    if fields[i + 1] ~= 'queued' then break end
+    local position = redis.call('LPOS', KEYS[2], ARGV[1]) or -1
+    return {fields, position, redis.call('LRANGE', KEYS[3], 0, tonumber(ARGV[2]) - 1)}
+  end
+end
+return {fields}
+"""
 
 
 def get(r: Redis, job_id: str, *, prefix: str) -> JobRecord | None:
-    """The job, or None. While queued it carries `queue_position` (1 = next) and a rough `eta_seconds`."""
+    """The job, or None (one round trip). While queued it carries `queue_position` (1 = next) and a rough
+    `eta_seconds`: position x the mean duration of recent successful jobs. `get_async`: the same, asyncio."""
+    return _read(r.register_script(_GET_LUA)(keys=_get_keys(job_id, prefix), args=[job_id, DURATIONS_KEPT]))
+
+
+async def get_async(r: AsyncRedis, job_id: str, *, prefix: str) -> JobRecord | None:
+    script = r.register_script(_GET_LUA)
+    return _read(await script(keys=_get_keys(job_id, prefix), args=[job_id, DURATIONS_KEPT]))
+
+
+def _get_keys(job_id: str, prefix: str) -> list[str]:
     keys = Keys(prefix)
-    pipe = r.pipeline(transaction=False)
-    pipe.hgetall(keys.job(job_id))
-    queue_info_commands(pipe, job_id, prefix=prefix)
-    fields, position, durations = pipe.execute()
-    if not fields:
+    return [keys.job(job_id), keys.rq_queue, keys.stats_durations]
+
+
+def _read(reply: Sequence[Any]) -> JobRecord | None:
+    """The record `_GET_LUA`'s reply describes."""
+    flat = reply[0]
+    if not flat:
         return None
-    return with_queue_info(decode(strings(fields)), position, durations)
-
-
-def queue_info_commands(pipe: Pipeline, job_id: str, *, prefix: str) -> None:
-    """Queue the two reads `with_queue_info` needs (LPOS in the RQ queue, recent durations) on `pipe`."""
-    keys = Keys(prefix)
-    pipe.lpos(keys.rq_queue, job_id)
-    pipe.lrange(keys.stats_durations, 0, DURATIONS_KEPT - 1)
-
-
-def with_queue_info(record: JobRecord, position: Any, durations: Sequence[Any]) -> JobRecord:
-    """A queued record with `queue_position` (1 = next) and a rough `eta_seconds`: position × the mean
-    duration of recent successful jobs."""
-    if record.status != JobStatus.queued or position is None:
+    record = decode(strings(dict(zip(flat[::2], flat[1::2], strict=True))))
+    if len(reply) == 1 or reply[1] < 0:
         return record
-    update: dict[str, Any] = {"queue_position": int(position) + 1}
-    recent = [float(d) for d in durations]
+    position = int(reply[1]) + 1
+    update: dict[str, Any] = {"queue_position": position}
+    recent = [float(d) for d in reply[2]]
     if recent:
-        update["eta_seconds"] = round((int(position) + 1) * sum(recent) / len(recent), 1)
+        update["eta_seconds"] = round(position * sum(recent) / len(recent), 1)
     return record.model_copy(update=update)
 
 
@@ -546,7 +743,7 @@ def mark_running(
     now = utcnow()
     script = r.register_script(_START_LUA)
     code, current, token = script(
-        keys=[keys.job(job_id), keys.active],
+        keys=[keys.job(job_id), keys.active, keys.queued_counts],
         args=[worker_id, now.isoformat(), now.timestamp(), now.timestamp() + deadline_seconds if deadline_seconds else "",
               weights_sha256 or "", stage.value, job_id],
     )

@@ -1,7 +1,8 @@
 """The RQ side of a video job: the function a worker runs, the options it is enqueued with, and re-queueing.
 
-A job's RQ entry is written in the same MULTI/EXEC as the job state that says it is queued: at creation
-(`jobstore.create(enqueue=...)`) and when a job goes back to the queue (`requeue`: `jobstore.mark_requeued`
+A job's RQ entry is written in the same transaction as the job state that says it is queued: at creation
+(`jobstore.create(rq_entry=...)`: RQ's job hash as RQ builds it, written by the create script, so a
+submission is one round trip) and when a job goes back to the queue (`requeue`: `jobstore.mark_requeued`
 and `enqueue`), so a crash between the two writes cannot leave a job `queued` in its hash but absent from RQ.
 A job whose RQ entry was lost anyway (its worker died between dequeue and start) is put back by
 `restore_entry` (the reaper).
@@ -57,6 +58,24 @@ def enqueue(
         at_front=at_front,
         pipeline=pipeline,
     )
+
+
+def rq_entry(queue: Queue, settings: Settings, payload: JobPayload) -> jobstore.RqEntry:
+    """The RQ entry `enqueue` would write for a new job, for `jobstore.create` to write in its own script: RQ's
+    own code builds the job hash (`create_job`, then what `enqueue_job` sets before saving), so its format is
+    RQ's exactly; the script pushes the id at the back of `queue`. `queue` is the process's long-lived Queue:
+    it asks Redis for its version once, not per job."""
+    job = queue.create_job(
+        WORKER_FUNCTION,
+        args=(payload.model_dump(mode="json"),),
+        job_id=payload.job_id,
+        timeout=run_limit(settings, payload.timeout_seconds) + settings.rq_timeout_margin_seconds,
+        result_ttl=RQ_RESULT_TTL_SECONDS,
+        failure_ttl=settings.rq_failure_ttl_seconds,
+        description=f"video {payload.job_id}",
+    )
+    queue._prepare_for_queue(job)  # origin, enqueued_at, timeout, status: what Queue.enqueue_job sets
+    return jobstore.RqEntry(queue.key, job.key, job.to_dict())
 
 
 def payload_of(record: JobRecord) -> JobPayload:

@@ -17,6 +17,8 @@ or the worker came back), nothing happens. The worker of a run ended here finds 
 Heartbeat TTL: keep it (30 s) well above `heartbeat_interval_seconds` and the longest gap between two state
 writes of a job (decode + encode + upload). A worker paused past it (GC, SIGSTOP, partition) loses its job
 to another run; fencing makes sure its late writes are refused.
+Each pass also recounts the per-tenant queued counters that admission control keeps (`repair_queued_counts`)
+and trims the listing indexes (`jobstore.trim_indexes`).
 Objects no succeeded job references (runs that failed, were superseded, or died mid-upload) are deleted by
 `purge_orphans`, once their job has ended.
 """
@@ -81,6 +83,52 @@ def reap(
         if outcome is not None:
             done[job_id] = outcome
     return done
+
+
+# KEYS: the counts hash, the active set. ARGV: the job key prefix. Counts the `queued` jobs of each tenant
+# among the active jobs (every job not yet terminal is there), and rewrites the counts hash when it differs.
+# Atomic, so no transition can slip in between the count and the write. Returns {tenant, was, is, ...}.
+_REPAIR_LUA = """
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local job = redis.call('HMGET', ARGV[1] .. id, 'status', 'tenant')
+  if job[1] == 'queued' then
+    local tenant = job[2] or ''
+    counts[tenant] = (counts[tenant] or 0) + 1
+  end
+end
+local drift = {}
+local held = redis.call('HGETALL', KEYS[1])
+local seen = {}
+for i = 1, #held, 2 do
+  local tenant, was = held[i], tonumber(held[i + 1])
+  seen[tenant] = true
+  if was ~= (counts[tenant] or 0) then
+    table.insert(drift, tenant); table.insert(drift, was); table.insert(drift, counts[tenant] or 0)
+  end
+end
+for tenant, n in pairs(counts) do
+  if not seen[tenant] then table.insert(drift, tenant); table.insert(drift, 0); table.insert(drift, n) end
+end
+if #drift > 0 then
+  redis.call('DEL', KEYS[1])
+  for tenant, n in pairs(counts) do redis.call('HSET', KEYS[1], tenant, n) end
+end
+return drift
+"""
+
+
+def repair_queued_counts(r: Redis, *, prefix: str) -> dict[str, tuple[int, int]]:
+    """Recount every tenant's queued jobs (service/jobs/admission.py) and correct the counters; returns
+    {tenant: (was, is)} for those that had drifted (a job hash lost while queued, a hand-edited key, a bug),
+    normally {}. O(active jobs) inside Redis, once per reaper pass."""
+    keys = jobstore.Keys(prefix)
+    drift = r.register_script(_REPAIR_LUA)(keys=[keys.queued_counts, keys.active], args=[keys.job("")])
+    found: dict[str, tuple[int, int]] = {}
+    for i in range(0, len(drift), 3):
+        tenant = drift[i].decode() if isinstance(drift[i], bytes) else drift[i]
+        found[tenant] = (int(drift[i + 1]), int(drift[i + 2]))
+    return found
 
 
 def _recover(
@@ -173,13 +221,18 @@ def _text(value: bytes | str) -> str:
 def start(
     r: Redis, settings: Settings, stop: threading.Event, storage: Storage | None = None
 ) -> threading.Thread:
-    """Every `settings.reaper_interval_seconds` until `stop` is set, in a daemon thread: `reap`, and
-    `purge_orphans` when given the storage."""
+    """Every `settings.reaper_interval_seconds` until `stop` is set, in a daemon thread: `reap`, the queued
+    counts' repair, the listing indexes' trim, and `purge_orphans` when given the storage."""
 
     def loop() -> None:
         while not stop.wait(settings.reaper_interval_seconds):
             try:
                 reap(r, settings)
+                drift = repair_queued_counts(r, prefix=settings.key_prefix)
+                if drift:
+                    logger.warning("admission.counts_repaired", extra={"event": "admission.counts_repaired",
+                                                                      "drift": drift})
+                jobstore.trim_indexes(r, prefix=settings.key_prefix, retention_seconds=settings.job_retention_seconds)
                 if storage is not None:
                     purge_orphans(r, settings, storage)
             except Exception:  # Redis or storage down: try again next round

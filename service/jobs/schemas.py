@@ -246,7 +246,9 @@ class VideoJob(BaseModel):
     step: int | None = None
     total_steps: int | None = None
     queue_position: int | None = Field(None, description="While queued: 1 = next to run.")
-    eta_seconds: float | None = Field(None, description="Rough estimate of the seconds until completion.")
+    eta_seconds: float | None = Field(
+        None, description="Rough estimate of the seconds until completion (on reads, not in the submission's 202)."
+    )
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None

@@ -68,7 +68,7 @@ def test_missing_malformed_wrong_and_revoked_keys_are_401(anonymous, settings, a
     assert revoke_key(settings.api_keys_file, key_id)
     assert_401(anonymous.get(f"/v1/videos/{job_id}", headers=bearer(api_key)), "invalid_api_key")
     # Nothing was created by any refused request.
-    assert [j.id for j in jobstore.list_jobs(anonymous.app.state.redis, 100, tenant=TENANT,
+    assert [j.id for j in jobstore.list_jobs(anonymous.app.state.api.redis, 100, tenant=TENANT,
                                              prefix=settings.key_prefix)[0]] == [job_id]
 
 

@@ -3,13 +3,14 @@ fault-injecting proxy (tests/faults/proxy.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from redis.client import Pipeline
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 from rq.job import Job
@@ -30,10 +31,11 @@ def proxy() -> Iterator[FaultProxy]:
 
 
 def test_an_ambiguous_create_makes_one_job_and_one_queue_entry(settings, api_key, redis_conn, proxy):
-    """Failure 6, a lost reply on the wire: the transaction that stores the job and its RQ entry ran, but the
+    """Failure 6, a lost reply on the wire: the script that stores the job and its RQ entry ran, but the
     connection dropped before its reply. Neither a second RQ entry nor, for the client's retry, a second job."""
     via_proxy = settings.model_copy(update={"redis_url": proxy.url.replace("/0", "/11")})
-    proxy.drop_after(b"EXEC", 1)
+    redis_conn.script_load(jobstore._CREATE_LUA)  # so the EVALSHA that loses its reply is the one that creates
+    proxy.drop_after(b"EVALSHA", 1)
     with TestClient(create_app(via_proxy), raise_server_exceptions=False, headers=bearer(api_key)) as client:
         first = client.post("/v1/videos", json={"prompt": "a heart"}, headers={"Idempotency-Key": "once"})
         again = client.post("/v1/videos", json={"prompt": "a heart"}, headers={"Idempotency-Key": "once"})
@@ -45,19 +47,19 @@ def test_an_ambiguous_create_makes_one_job_and_one_queue_entry(settings, api_key
 
 
 def test_a_create_whose_commit_was_not_confirmed_is_not_made_twice(client, settings, redis_conn, monkeypatch):
-    """Failure 6: the create's transaction committed but the API saw an error; it used to release the
-    Idempotency-Key, so the client's retry made a second job. The claim now commits with the job."""
-    real, lost = Pipeline.execute, []
+    """Failure 6: the create's script ran but the API saw an error; it used to release the Idempotency-Key, so
+    the client's retry made a second job. The claim is written by the same script as the job."""
+    real, lost = AsyncRedis.evalsha, []
+    create_sha = hashlib.sha1(jobstore._CREATE_LUA.encode()).hexdigest()
 
-    def committed_then_lost(self, *args, **kwargs):
-        creates = any(cmd[0] == "HSET" and ":job:" in str(cmd[1]) for cmd, _ in self.command_stack)
-        result = real(self, *args, **kwargs)
-        if creates and not lost:
+    async def committed_then_lost(self, sha, numkeys, *keys_and_args):
+        result = await real(self, sha, numkeys, *keys_and_args)
+        if sha == create_sha and not lost:
             lost.append(True)
             raise RedisConnectionError("Connection closed by server.")
         return result
 
-    monkeypatch.setattr(Pipeline, "execute", committed_then_lost)
+    monkeypatch.setattr(AsyncRedis, "evalsha", committed_then_lost)
     first = client.post("/v1/videos", json={"prompt": "a heart"}, headers={"Idempotency-Key": "k"})
     again = client.post("/v1/videos", json={"prompt": "a heart"}, headers={"Idempotency-Key": "k"})
     assert lost and first.status_code == 503 and again.status_code == 202

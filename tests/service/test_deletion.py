@@ -33,7 +33,7 @@ def s3_settings(prefix: str, tmp_path: Path, s3_server: str) -> Settings:
 @pytest.fixture
 def s3_client(s3_settings: Settings) -> Iterator[TestClient]:
     app = create_app(s3_settings)
-    app.state.storage.create_bucket()
+    app.state.api.storage.create_bucket()
     with TestClient(app, raise_server_exceptions=False, headers=bearer(key_for(s3_settings, TENANT))) as c:
         yield c
 
@@ -56,7 +56,7 @@ def succeed_in(storage: Storage, r: Redis, prefix: str, job_id: str) -> None:
 
 
 def test_delete_a_succeeded_job_from_s3(s3_client: TestClient, s3_settings: Settings, redis_conn: Redis) -> None:
-    prefix, storage = s3_settings.key_prefix, s3_client.app.state.storage
+    prefix, storage = s3_settings.key_prefix, s3_client.app.state.api.storage
     created = s3_client.post("/v1/videos", json=BODY, headers={"Idempotency-Key": "k-1"})
     job_id = created.json()["id"]
     succeed_in(storage, redis_conn, prefix, job_id)
@@ -97,7 +97,7 @@ def test_another_tenants_job_is_not_deleted(s3_client: TestClient, s3_settings: 
 def test_a_running_job_is_stopped_before_it_is_deleted(s3_settings: Settings, redis_conn: Redis) -> None:
     prefix = s3_settings.key_prefix
     app = create_app(s3_settings)
-    storage = app.state.storage
+    storage = app.state.api.storage
     storage.create_bucket()
     record = queued_record()
     jobstore.create(redis_conn, record, prefix=prefix)

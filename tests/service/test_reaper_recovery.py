@@ -26,10 +26,10 @@ HOOK = Webhook(url="https://hooks.example.org/bora", events=["video.failed", "vi
 
 
 def submit(r, settings, *, webhook: Webhook | None = HOOK) -> JobRecord:
-    """A queued job as the API stores it: the job hash and its RQ entry in one transaction."""
+    """A queued job as the API stores it: the job hash and its RQ entry in one script."""
     record = queued_record(prompt="a lost heart").model_copy(update={"webhook": webhook, "request_id": "req-1"})
-    jobstore.create(r, record, prefix=settings.key_prefix,
-                    enqueue=lambda pipe: queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe))
+    entry = queueing.rq_entry(Queue(settings.queue_name, connection=r), settings, queueing.payload_of(record))
+    jobstore.create(r, record, prefix=settings.key_prefix, rq_entry=entry)
     return record
 
 

@@ -57,10 +57,10 @@ def test_validation_still_comes_first(dead_client):
 def test_unexpected_errors_are_500_json_without_traceback(tmp_path, monkeypatch):
     from service.jobs import jobstore
 
-    def boom(*args, **kwargs):
+    async def boom(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(jobstore, "get", boom)
+    monkeypatch.setattr(jobstore, "get_async", boom)  # what GET /v1/videos/{id} awaits
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="x", data_dir=tmp_path)
     headers = bearer(key_for(settings, "t"))
     with TestClient(create_app(settings), raise_server_exceptions=False, headers=headers) as client:

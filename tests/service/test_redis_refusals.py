@@ -102,9 +102,9 @@ def test_a_failed_rdb_save_is_503(own_redis, tmp_path):
 
 
 def test_other_redis_errors_stay_500(own_redis, tmp_path):
-    """A reply that is our bug (here WRONGTYPE: the rate-limit key is not a hash) is a 500, not a 503."""
+    """A reply that is our bug (here WRONGTYPE: the rate-limit key is not a string) is a 500, not a 503."""
     with client_of(own_redis, tmp_path) as client:
-        own_redis.set(f"bora:ratelimit:{TENANT}", "not a hash")
+        own_redis.hset(f"bora:rate:{TENANT}", "tokens", "not a string")
         response = client.post("/v1/videos", json={"prompt": "a beating heart"})
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
 

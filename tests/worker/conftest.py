@@ -15,7 +15,7 @@ import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
 
-from service.jobs import jobstore
+from service.jobs import jobstore, queueing
 from service.jobs.config import Settings
 from service.jobs.schemas import JobPayload, JobRecord, JobStatus, Stage, VideoInput, utcnow
 from service.jobs.storage import LocalStorage, Storage
@@ -93,9 +93,10 @@ class Env:
             tenant="t1",
             enqueued_at=now,
         )
-        jobstore.create(self.r, record, prefix=self.prefix)
-        if enqueue:
-            self.enqueue(payload.model_dump(mode="json"), job_id)
+        # The API's path: the create script writes RQ's entry, so every job a worker test runs proves that a real
+        # RQ worker takes what the script wrote.
+        entry = queueing.rq_entry(self.queue, self.settings, payload) if enqueue else None
+        jobstore.create(self.r, record, prefix=self.prefix, rq_entry=entry)
         return payload
 
     def enqueue(self, payload: dict[str, Any], job_id: str) -> None:

@@ -28,7 +28,7 @@ MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; cha
 
 
 def _headers(request: Request) -> dict[str, str]:
-    settings = request.app.state.settings
+    settings = request.app.state.api.settings
     store = settings.s3_public_endpoint_url or settings.s3_endpoint_url
     if settings.storage == "s3":
         parts = urlsplit(store) if store else None
@@ -50,8 +50,8 @@ def index(request: Request) -> FileResponse:
 @router.get("/playground/model.json")
 def served_model(request: Request) -> JSONResponse:
     """The served model's request bounds and defaults (service/jobs/models.py), and whether a key is needed."""
-    spec: Any = request.app.state.model_spec
-    settings = request.app.state.settings
+    spec: Any = request.app.state.api.model_spec
+    settings = request.app.state.api.settings
     frames, height, width = spec.trained
     body = {
         **dataclasses.asdict(spec),

@@ -1,8 +1,12 @@
-"""OpenAPI `responses=` declarations: every error answer carries the `ErrorBody` schema."""
+"""OpenAPI `responses=` declarations: every error answer carries the `ErrorBody` schema; `json_answer` for the
+hot routes."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from fastapi import Response
+from pydantic import BaseModel
 
 from service.jobs.schemas import ErrorBody
 
@@ -32,3 +36,11 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} | ({"headers": _HEADERS[code]} if code in _HEADERS else {})
         for code in codes
     }
+
+
+def json_answer(model: BaseModel, *, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """`model`, already valid, serialized once by pydantic. Returning it as a Response skips FastAPI's
+    `response_model` pass (a second validation, run in the threadpool for a `def` route, then a JSON encode in
+    Python); the route keeps `response_model` for the OpenAPI document, which `tests/service/test_openapi_fuzz.py`
+    checks against what the server answers."""
+    return Response(model.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")

@@ -11,9 +11,7 @@ from fastapi.responses import RedirectResponse
 from redis import Redis
 
 from service.api.deps import (
-    AdmissionDep,
-    MetricsDep,
-    ModelSpecDep,
+    CallerDep,
     RedisDep,
     RequestIdDep,
     SettingsDep,
@@ -22,7 +20,7 @@ from service.api.deps import (
 )
 from service.api.errors import Conflict, InvalidRequest, NotFound
 from service.api.files import StoredFileResponse
-from service.api.routes.responses import errors
+from service.api.routes.responses import errors, json_answer
 from service.jobs import deletion, idempotency, jobstore, queueing, webhooks
 from service.jobs.audit import audit
 from service.jobs.config import Settings
@@ -96,26 +94,13 @@ def load(r: Redis, job_id: str, settings: Settings, tenant: str | None) -> JobRe
     """The caller's job, or 404 — also for another tenant's job, so ids leak nothing. An id that isn't one of
     ours never reaches Redis (`vid_…:webhooks` would otherwise name another key of the job)."""
     record = jobstore.get(r, job_id, prefix=settings.key_prefix) if jobstore.JOB_ID.fullmatch(job_id) else None
+    return owned(record, job_id, tenant)
+
+
+def owned(record: JobRecord | None, job_id: str, tenant: str | None) -> JobRecord:
     if record is None or record.tenant != tenant:
         raise JobNotFound(f"no job {job_id}", param="job_id")
     return record
-
-
-def replay(r: Redis, settings: Settings, tenant: str, key: str, fingerprint: str) -> JobRecord | None:
-    """The job an earlier request with this Idempotency-Key and body created, or None (go create one).
-    409 when the key came with another body."""
-    held = idempotency.lookup(r, settings.key_prefix, tenant, key)
-    if held is None:
-        return None
-    job_id, held_fingerprint = held
-    if held_fingerprint != fingerprint:
-        raise Conflict(
-            "this Idempotency-Key was already used with another request body; use a new key for a new job",
-            code="idempotency_key_reused",
-            param="header.Idempotency-Key",
-        )
-    record = jobstore.get(r, job_id, prefix=settings.key_prefix)
-    return record if record is not None and record.tenant == tenant else None
 
 
 @router.post(
@@ -133,19 +118,10 @@ def replay(r: Redis, settings: Settings, tenant: str, key: str, fingerprint: str
     summary="Submit a video job (alias of POST /v1/videos)",
     responses=errors(400, 409, 413, 415, 422, 429, 503),
 )
-def create_video(
-    body: VideoCreate,
-    response: Response,
-    settings: SettingsDep,
-    r: RedisDep,
-    spec: ModelSpecDep,
-    metrics: MetricsDep,
-    request_id: RequestIdDep,
-    tenant: TenantDep,
-    admission: AdmissionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> VideoJob:
-    # Order: a request that is invalid (422) or a replay of an accepted one spends no rate-limit token.
+async def create_video(body: VideoCreate, caller: CallerDep, idempotency_key: IdempotencyKey = None) -> Response:
+    api, tenant, request_id = caller.api, caller.tenant, caller.request_id
+    settings, spec = api.settings, api.model_spec
+    # A request that is invalid (422) never reaches Redis; a replay of an accepted one spends no rate-limit token.
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN + 1)
     normalized, warnings = normalize(
         body,
@@ -183,41 +159,29 @@ def create_video(
     claim = None
     if idempotency_key is not None:
         fingerprint = idempotency.body_sha256(body.model_dump(mode="json", exclude_unset=True))
-        original = replay(r, settings, tenant, idempotency_key, fingerprint)
-        if original is not None:
-            return replayed(original, response, settings, base_url)
         ttl = min(idempotency.TTL_SECONDS, settings.job_retention_seconds)  # never outlive the job it names
         claim = idempotency.claim(settings.key_prefix, tenant, idempotency_key, fingerprint, ttl)
-    admission.check_rate(tenant)  # 429 over the tenant's submission rate
-    admission.reserve(tenant, record.id)  # 429 over the tenant's or the global queue cap
-    try:
-        # The job record, its Idempotency-Key claim and its RQ entry are written in one MULTI/EXEC: all of
-        # them, or none. A lost reply is retried inside (WATCH): never a second job or a second queue entry.
-        stored, was_replay = jobstore.create(
-            r,
-            record,
-            prefix=settings.key_prefix,
-            enqueue=lambda pipe: queueing.enqueue(r, settings, queueing.payload_of(record), pipeline=pipe),
-            claim=claim,
-            queued_expiry_seconds=settings.queued_expiry_seconds,
-            deadline_seconds=queueing.queued_deadline(settings, record.timeout_seconds),
-        )
-    except BaseException:
-        admission.release(tenant, record.id)  # a reservation only: releasing it never loses a job
-        raise
-    if was_replay:  # a concurrent request with the same key won
-        admission.release(tenant, record.id)
-        return replayed(stored, response, settings, base_url)
-    metrics.jobs_submitted.labels(spec.name).inc()
-    audit("job.created", record, outcome="queued", request_id=request_id, webhook=webhook is not None)
-    response.headers["Location"] = f"{base_url}/v1/videos/{record.id}"
-    return present(jobstore.get(r, record.id, prefix=settings.key_prefix) or record, settings)
-
-
-def replayed(original: JobRecord, response: Response, settings: Settings, base_url: str) -> VideoJob:
-    response.headers["Location"] = f"{base_url}/v1/videos/{original.id}"
-    response.headers["Idempotent-Replayed"] = "true"
-    return present(original, settings)
+    # One Lua script, one round trip (service/jobs/jobstore.py `create`): a replay of the Idempotency-Key, the
+    # rate limit and queue caps (429), then the job record, its claim and its RQ entry - all of them, or none.
+    # A lost reply is safe to repeat: the retry finds the job it created. Awaited on the event loop: an async
+    # route holds no thread, where a `def` route costs two thread hops (the route, then its response).
+    stored, was_replay = await jobstore.create_async(
+        api.aredis,
+        record,
+        prefix=settings.key_prefix,
+        rq_entry=queueing.rq_entry(api.queue, settings, queueing.payload_of(record)),
+        claim=claim,
+        limits=api.limits,
+        queued_expiry_seconds=settings.queued_expiry_seconds,
+        deadline_seconds=queueing.queued_deadline(settings, record.timeout_seconds),
+    )
+    headers = {"Location": f"{base_url}/v1/videos/{stored.id}"}
+    if was_replay:  # an earlier request with this key created the job
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        api.metrics.jobs_submitted.labels(spec.name).inc()
+        audit("job.created", record, outcome="queued", request_id=request_id, webhook=webhook is not None)
+    return json_answer(present(stored, settings), status_code=202, headers=headers)
 
 
 @router.get("/v1/videos", response_model=JobList, summary="List jobs, newest first", responses=errors(422, 503))
@@ -242,8 +206,11 @@ def list_videos(
 
 
 @router.get("/v1/videos/{job_id}", response_model=VideoJob, summary="Get a job", responses=errors(404, 422, 503))
-def get_video(job_id: JobId, settings: SettingsDep, r: RedisDep, tenant: TenantDep) -> VideoJob:
-    return present(load(r, job_id, settings, tenant), settings)
+async def get_video(job_id: JobId, caller: CallerDep) -> Response:
+    api = caller.api
+    prefix = api.settings.key_prefix
+    record = await jobstore.get_async(api.aredis, job_id, prefix=prefix) if jobstore.JOB_ID.fullmatch(job_id) else None
+    return json_answer(present(owned(record, job_id, caller.tenant), api.settings))
 
 
 @router.post(
