@@ -24,7 +24,7 @@ from typing import Any
 from service.jobs import queueing
 from service.jobs.errors import RunSuperseded
 from service.jobs.schemas import WorkerState
-from worker.jobs import Runtime, VideoJobRun
+from worker.jobs import REDIS_LOST, Runtime, VideoJobRun
 from worker.limits import generation_limits
 
 logger = logging.getLogger(__name__)
@@ -65,15 +65,21 @@ class Batch:
         return first.summary
 
     def _claim(self) -> None:
+        """Claim and start up to BORA_WORKER_BATCH_SIZE - 1 compatible queued jobs (service/jobs/queueing.py)."""
         limit = self.rt.settings.worker_batch_size - 1
         if limit < 1:
             return
         first = self.runs[0]
-        for payload in queueing.claim_batch(self.rt.redis, self.rt.settings, first.job, limit):
-            run = VideoJobRun(self.rt, payload, claimed=True)
-            self.runs.append(run)
-            if run.begin():
-                self.active.append(run)
+        try:
+            for payload in queueing.claim_batch(self.rt.redis, self.rt.settings, first.job, limit):
+                run = VideoJobRun(self.rt, payload, claimed=True)
+                self.runs.append(run)
+                if run.begin():
+                    self.active.append(run)
+        except REDIS_LOST:
+            raise
+        except Exception:  # the first job runs whatever went wrong; a job claimed but not started is restored
+            logger.warning("claiming a batch failed", extra={"job_id": first.job.job_id}, exc_info=True)
         if len(self.active) > 1:
             logger.info("batch", extra={"event": "worker.batch", "job_id": first.job.job_id,
                                         "jobs": [run.job.job_id for run in self.active]})

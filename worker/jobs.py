@@ -6,7 +6,8 @@ denoising (progress + cancel poll every step), decoding → MP4 + JPEG poster + 
 → upload with retries → succeeded. Any failure ends `failed` with a code from worker/errors.py; a cancel
 ends `canceled`; a shutdown past the grace period re-queues the job. State changes go through
 worker/lifecycle.py only. The function returns a small summary (RQ keeps it as the result); the job
-record in Redis is the truth.
+record in Redis is the truth. The pipeline call is worker/batch.py's: with BORA_WORKER_BATCH_SIZE > 1 it
+also runs compatible queued jobs the worker claimed, each still its own `VideoJobRun`.
 """
 
 from __future__ import annotations
