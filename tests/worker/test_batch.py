@@ -35,8 +35,26 @@ def _frames(runtime, record) -> np.ndarray:
     return read_mp4(runtime.storage.local_path(record.outputs.video.key))
 
 
+class RecordingPipeline:
+    """The real pipeline, keeping every video it returns by (prompt, seed): the raw frames, before H.264."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self.videos: dict[tuple[str, int], list[np.ndarray]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def __call__(self, prompt: list[str], *, seed: list[int], **kwargs: Any) -> Any:
+        out = self._pipe(prompt, seed=seed, **kwargs)
+        for p, s, frames in zip(prompt, seed, out.frames, strict=True):
+            self.videos.setdefault((p, s), []).append(frames.astype(int))
+        return out
+
+
 def test_compatible_jobs_run_as_one_batch_each_with_its_solo_frames(env, runtime, caplog):
     caplog.set_level(logging.INFO)
+    runtime.pipeline = recorder = RecordingPipeline(runtime.pipeline)
     _batch_size(runtime, 4)
     batched = [env.submit(prompt=p, seed=30 + i) for i, p in enumerate(PROMPTS)]
     env.work()
@@ -55,11 +73,12 @@ def test_compatible_jobs_run_as_one_batch_each_with_its_solo_frames(env, runtime
     env.work()
     assert len(_batches(caplog)) == 1
     for batch_record, payload in zip(records, solo, strict=True):
-        alone = env.record(payload.job_id)
-        a, b = _frames(runtime, batch_record).astype(int), _frames(runtime, alone).astype(int)
-        assert a.shape == b.shape == (8, 32, 48, 3)
-        # Same pixels up to fp32 GEMM rounding between batch sizes (≤1 level before H.264).
-        assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05, (np.abs(a - b).max(), np.abs(a - b).mean())
+        in_batch, alone = recorder.videos[(payload.input.prompt, payload.seed)]
+        assert in_batch.shape == alone.shape == (8, 32, 48, 3)
+        # The same video up to fp32 GEMM rounding between batch sizes: at most one level of 255, rarely.
+        assert np.abs(in_batch - alone).max() <= 1 and np.mean(in_batch != alone) < 1e-3
+        if (in_batch == alone).all():  # H.264 turns a one-level difference into larger ones; same input, same file
+            assert (_frames(runtime, batch_record) == _frames(runtime, env.record(payload.job_id))).all()
 
 
 @pytest.mark.parametrize("doomed_index", [0, 1], ids=["the RQ job", "a claimed job"])
