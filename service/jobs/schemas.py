@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from service.jobs.models import ENVELOPE, SAMPLERS, SIZE_MULTIPLE, Sampler
+from service.jobs.models import ENVELOPE, SIZE_MULTIPLE, Sampler
 
 SCHEMA_VERSION = 1
 MAX_PROMPT_CHARS = 2000
@@ -69,8 +69,6 @@ class ErrorCode(StrEnum):
     expired = "expired"
     canceled = "canceled"
 
-
-__all__ = ["SAMPLERS", "Sampler"]  # the sampler names live with the bounds table; the contract uses them
 
 WebhookEvent = Literal["video.started", "video.progress", "video.succeeded", "video.failed", "video.canceled"]
 WEBHOOK_EVENTS: tuple[str, ...] = (
