@@ -151,9 +151,10 @@ def main() -> None:
                       f"({args.jobs / elapsed:.3f} jobs/s)")
                 if round_index > 0:
                     seconds[batch_size].append(elapsed)
-        batched, solo = statistics.median(seconds[args.jobs]), statistics.median(seconds[1])
-        print(f"throughput, median of {args.rounds} rounds: batched {args.jobs / batched:.3f} jobs/s, one at a time "
-              f"{args.jobs / solo:.3f} jobs/s: batched / one at a time = {solo / batched:.2f}×")
+        ratios = [solo / batched for batched, solo in zip(seconds[args.jobs], seconds[1], strict=True)]
+        print(f"throughput, median of {args.rounds} rounds: batched {args.jobs / statistics.median(seconds[args.jobs]):.3f}"
+              f" jobs/s, one at a time {args.jobs / statistics.median(seconds[1]):.3f} jobs/s; batched / one at a time"
+              f" per round {', '.join(f'{x:.2f}×' for x in ratios)}: median {statistics.median(ratios):.2f}×")
         # The last round ran one mode after the other on the same prompts and seeds.
         raw = [np.abs(np.subtract(*recorded)) for recorded in pipe.videos.values()]
         mp4 = [np.abs(frames_of(rt, r, settings, b) - frames_of(rt, r, settings, s))
