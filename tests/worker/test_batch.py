@@ -97,9 +97,10 @@ def test_a_job_canceled_mid_batch_ends_canceled_at_once_while_the_others_succeed
         while time.monotonic() < deadline:
             job = jobstore.get(r, doomed.job_id, prefix=env.prefix)
             if job is not None and job.status == JobStatus.running and (job.step or 0) >= 5:
-                jobstore.request_cancel(r, doomed.job_id, prefix=env.prefix)
-                seen["step"] = job.step
-                while (job := jobstore.get(r, doomed.job_id, prefix=env.prefix)).status != JobStatus.canceled:
+                after, _ = jobstore.request_cancel(r, doomed.job_id, prefix=env.prefix)
+                seen["step"] = after.step  # as the cancel was written
+                while jobstore.get(r, doomed.job_id, prefix=env.prefix).status != JobStatus.canceled:
+                    assert time.monotonic() < deadline, "the canceled job never ended"
                     time.sleep(0.002)
                 seen["others_steps"] = [jobstore.get(r, p.job_id, prefix=env.prefix).step for p in others]
                 return
