@@ -73,4 +73,5 @@ bench: tiny
 	$(BIN)/python bench/stdit_speed.py
 	$(BIN)/python bench/service_submit.py
 	$(BIN)/python bench/worker_pickup.py
+	$(BIN)/python bench/worker_batching.py
 	$(BIN)/python bench/mp4_encode.py

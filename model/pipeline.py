@@ -21,7 +21,7 @@ import torch
 from model.attention_broadcast import AttentionBroadcast, AttentionBroadcastConfig
 from model.errors import CheckpointError, InvalidInput
 from model.loading import load_stdit
-from model.presets import GenerationDefaults
+from model.presets import LIBRARY_LIMITS, GenerationDefaults, GenerationLimits
 from model.schedulers import SAMPLERS, make_sampler
 from model.stdit import STDiT
 from model.text_encoder import T5TextEncoder
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 MODEL_INDEX = "model_index.json"
 T5_SHAPE_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
-MAX_FRAMES = 128
-MAX_SIDE = 1024
 MAX_SEED = 2**63 - 1
 PREDICTION_TYPES = ("epsilon", "v")  # what the transformer's first C output channels are
 
@@ -116,18 +114,10 @@ class BoraPipeline:
         return self.transformer.y_embedder.y_embedding.dtype
 
     @property
-    def limits(self) -> dict:
-        """Shapes and step counts this pipeline accepts: frames and sides must divide into latent patches."""
+    def multiples(self) -> tuple[int, int]:
+        """(frames, sides) must be multiples of these to divide into latent patches (VAE factor × patch)."""
         patch_t, patch_h, _ = self.transformer.config.patch_size
-        return {
-            "frame_multiple": patch_t,
-            "side_multiple": self.vae.spatial_factor * patch_h,
-            "max_frames": MAX_FRAMES,
-            "max_side": MAX_SIDE,
-            "max_steps": 1000,
-            "samplers": sorted(SAMPLERS),
-            "max_tokens": self.text_encoder.model_max_length,
-        }
+        return patch_t, self.vae.spatial_factor * patch_h
 
     def accelerate(self, compile: bool = False, cuda_graphs: bool = False) -> None:
         """Choose how each denoising step runs: eager (default), `torch.compile` (the first video per shape
@@ -223,22 +213,26 @@ class BoraPipeline:
     # -- steps ------------------------------------------------------------------------------------------
 
     def check_inputs(self, num_frames: int, height: int, width: int, num_inference_steps: int,
-                     guidance_scale: float, sampler: str) -> None:
-        limits = self.limits
+                     guidance_scale: float, sampler: str, limits: GenerationLimits | None = None) -> None:
+        """Refuse a request outside `limits` (a preset's, from the service's table; else `LIBRARY_LIMITS`) or
+        one whose shape does not divide into latent patches."""
+        limits = limits or LIBRARY_LIMITS
+        frame_multiple, side_multiple = self.multiples
         if sampler not in SAMPLERS:
             raise InvalidInput(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
-        if not 1 <= num_frames <= limits["max_frames"] or num_frames % limits["frame_multiple"]:
-            raise InvalidInput(f"num_frames={num_frames} must be in 1..{limits['max_frames']} and a multiple of "
-                               f"{limits['frame_multiple']}")
+        if not 1 <= num_frames <= limits.max_frames or num_frames % frame_multiple:
+            raise InvalidInput(f"num_frames={num_frames} must be in 1..{limits.max_frames}"
+                               + (f" and a multiple of {frame_multiple}" if frame_multiple > 1 else ""))
+        min_side = max(limits.min_side, side_multiple)
         for label, side in (("height", height), ("width", width)):
-            multiple = limits["side_multiple"]
-            if not multiple <= side <= limits["max_side"] or side % multiple:
-                raise InvalidInput(f"{label}={side} must be a multiple of {multiple} (VAE factor × patch size) "
-                                   f"in {multiple}..{limits['max_side']}")
-        if not 1 <= num_inference_steps <= limits["max_steps"]:
-            raise InvalidInput(f"num_inference_steps={num_inference_steps} must be in 1..{limits['max_steps']}")
-        if not 0.0 <= guidance_scale <= 50.0:
-            raise InvalidInput(f"guidance_scale={guidance_scale} must be in 0..50")
+            if not min_side <= side <= limits.max_side or side % side_multiple:
+                raise InvalidInput(f"{label}={side} must be a multiple of {side_multiple} (VAE factor × patch size) "
+                                   f"in {min_side}..{limits.max_side}")
+        max_steps = limits.max_steps.get(sampler, 0)
+        if not 1 <= num_inference_steps <= max_steps:
+            raise InvalidInput(f"num_inference_steps={num_inference_steps} must be in 1..{max_steps} with {sampler}")
+        if not 0.0 <= guidance_scale <= limits.max_guidance:
+            raise InvalidInput(f"guidance_scale={guidance_scale} must be in 0..{limits.max_guidance}")
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """T5 embeddings `y` [n,1,L,C], their mask [n,L] and the null captions [n,1,L,C] for guidance."""
@@ -278,11 +272,13 @@ class BoraPipeline:
         callback_on_step_end: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
         stage_callback: Callable[[str], None] | None = None,
+        limits: GenerationLimits | None = None,
     ) -> BoraPipelineOutput:
         """Generate one video per prompt.
 
         Randomness: `seed` (an int, used as seed+i for prompt i, or one seed per prompt) or `generator` (a list
         of one per prompt, or a single generator for upstream's batch-order stream, used for parity tests).
+        `limits`: the request bounds of the served preset (see `check_inputs`).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -294,7 +290,7 @@ class BoraPipeline:
         num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
         sampler = sampler or d.sampler
-        self.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, sampler)
+        self.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, sampler, limits)
         generators, seeds = self._generators(len(prompts), generator, seed)
         stage = stage_callback or (lambda _stage: None)
 

@@ -28,6 +28,28 @@ class GenerationDefaults:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Bounds of a request, per preset. The service's table (service/jobs/models.py) is the one source: the
+    worker and `bora generate` build these from it and hand them to `BoraPipeline(..., limits=...)`. Used as a
+    library, the pipeline falls back to `LIBRARY_LIMITS`. Shape multiples are not here: they follow from the
+    loaded model (VAE factor × patch size) and the pipeline always checks them."""
+
+    max_frames: int
+    min_side: int
+    max_side: int
+    max_steps: dict[str, int]  # per sampler
+    max_guidance: float
+
+
+# What the pipeline accepts when no preset's limits are passed: generous, only to keep a library call from
+# asking for something absurd (memory, not quality, is the bound).
+LIBRARY_LIMITS = GenerationLimits(
+    max_frames=128, min_side=16, max_side=1024,
+    max_steps={"iddpm": 1000, "ddim": 1000, "dpm-solver++": 1000}, max_guidance=50.0,
+)
+
+
 # Bora's STDiT-XL/2 as its configs build it (reference README, `stdit_xl2_keys.json`).
 BORA_STDIT = dict(
     input_size=(40, 32, 32), in_channels=4, patch_size=(1, 2, 2), hidden_size=1152, depth=28, num_heads=16,

@@ -61,6 +61,7 @@ def generate(
     from model.errors import BoraModelError
     from model.pipeline import BoraPipeline
     from model.presets import make_tiny
+    from worker.limits import generation_limits
     from worker.video import encode_mp4
 
     if model == DEFAULT_TINY_DIR and not (model / "model_index.json").exists():
@@ -75,7 +76,8 @@ def generate(
 
     try:
         result = pipe(prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, sampler=sampler, seed=seed, callback_on_step_end=on_step)
+                      guidance_scale=guidance_scale, sampler=sampler, seed=seed, callback_on_step_end=on_step,
+                      limits=generation_limits(pipe.name))
     except BoraModelError as error:
         raise typer.BadParameter(str(error)) from error
     finally:

@@ -6,7 +6,8 @@ denoising (progress + cancel poll every step), decoding → MP4 + JPEG poster + 
 → upload with retries → succeeded. Any failure ends `failed` with a code from worker/errors.py; a cancel
 ends `canceled`; a shutdown past the grace period re-queues the job. State changes go through
 worker/lifecycle.py only. The function returns a small summary (RQ keeps it as the result); the job
-record in Redis is the truth.
+record in Redis is the truth. The pipeline call is worker/batch.py's: with BORA_WORKER_BATCH_SIZE > 1 it
+also runs compatible queued jobs the worker claimed, each still its own `VideoJobRun`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from service.jobs.schemas import (
     Stage,
     Timings,
     VideoOutput,
-    WorkerState,
     content_url,
     utcnow,
 )
@@ -125,7 +125,11 @@ def file_sha256(path: Path) -> str:
 
 
 def run_video_job(payload: dict[str, Any]) -> dict[str, Any]:
-    """The enqueued function. Never raises for job failures: they end in the job record."""
+    """The enqueued function. Never raises for job failures: they end in the job record. With
+    BORA_WORKER_BATCH_SIZE > 1 it also claims compatible queued jobs and runs them in the same batch
+    (worker/batch.py); the summary returned is this RQ job's."""
+    from worker.batch import Batch
+
     rt = current_runtime()
     prefix = rt.settings.key_prefix
     try:
@@ -139,19 +143,24 @@ def run_video_job(payload: dict[str, Any]) -> dict[str, Any]:
             life = JobLifecycle(rt.redis, prefix, job_id, rt.worker_id, rt.metrics)
             life.fail(errors.InvalidInput(f"the job payload is invalid: {exc.error_count()} error(s)"))
         return {"job_id": job_id, "status": JobStatus.failed.value, "code": "invalid_input"}
+    first = VideoJobRun(rt, job)
+    batch = Batch(rt, first)
     try:
-        return VideoJobRun(rt, job).run()
+        return batch.run()
     except REDIS_LOST:
-        rt.lost.append(job.job_id)
+        rt.lost.extend(run.job.job_id for run in batch.runs)
         raise
 
 
 class VideoJobRun:
-    """One execution of one job on this worker."""
+    """One execution of one job on this worker: its state writes, stages, files and outcome. The pipeline
+    call it shares with the other jobs of its batch is worker/batch.py's."""
 
-    def __init__(self, rt: Runtime, job: JobPayload) -> None:
+    def __init__(self, rt: Runtime, job: JobPayload, *, claimed: bool = False) -> None:
         self.rt = rt
         self.job = job
+        # Taken off the queue by another job's batch, not dequeued by RQ: RQ has no entry of it to clean up.
+        self.claimed = claimed
         self.life = JobLifecycle(
             rt.redis,
             rt.settings.key_prefix,
@@ -172,12 +181,19 @@ class VideoJobRun:
         self._stage_started = 0.0
         self._denoise_started = 0.0
         self._step_seconds: float | None = None
+        self._started = 0.0
         self.uploaded: list[str] = []
         self._warn_existing: set[str] = set()
+        self.summary: dict[str, Any] | None = None  # set once the run has ended (or was skipped)
 
-    # -- the whole job ----------------------------------------------------------------------------------
+    def _end(self, status: str, code: str | None) -> None:
+        self.summary = {"job_id": self.job.job_id, "status": status, "code": code}
 
-    def run(self) -> dict[str, Any]:
+    # -- the run's ends ---------------------------------------------------------------------------------
+
+    def begin(self) -> bool:
+        """queued -> running under this run's token. False when the job is not ours to run (expired, canceled
+        while queued, taken by another worker): `summary` then says why."""
         rt, job = self.rt, self.job
         try:
             record = self.life.start(
@@ -186,53 +202,50 @@ class VideoJobRun:
             )
         except JobExpired:
             self.life.expire()
-            return {"job_id": job.job_id, "status": JobStatus.failed.value, "code": "expired"}
+            self._end(JobStatus.failed.value, "expired")
+            return False
         except (InvalidTransition, JobNotFound) as exc:
             # Canceled while queued, taken by another worker, or expired: nothing to do.
             self.life.audit("job.skipped", logging.WARNING, outcome=getattr(exc, "current", "missing"))
-            return {"job_id": job.job_id, "status": "skipped"}
-
-        started = time.perf_counter()
+            self._end("skipped", None)
+            return False
+        self._started = time.perf_counter()
+        self.deadline = time.monotonic() + self.limit_s
         enqueued = job.enqueued_at or record.created_at
         if record.started_at is not None:
             self.queue_wait_s = max((record.started_at - enqueued).total_seconds(), 0.0)
             rt.metrics.observe_stage("queue_wait", self.queue_wait_s)
-        rt.current_job = job.job_id
-        rt.metrics.busy.set(1)
-        if rt.heartbeat:
-            rt.heartbeat.update(state=WorkerState.busy, current_job=job.job_id)
-        status = JobStatus.failed.value
-        code: str | None = None
+        self._warn_existing = {w.code for w in record.warnings}
+        return True
+
+    def finish(self, frames: Any, token_count: int, truncated: bool) -> None:
+        """This job's video generated: MP4 + poster + sidecar, upload, succeeded. A failure fails this job only."""
+        inp = self.job.input
         try:
-            with tempfile.TemporaryDirectory(prefix=f"bora-{job.job_id}-") as tmp:
-                self._check_model()
-                self._warn_existing = {w.code for w in record.warnings}
-                frames, token_count, truncated = self.generate()
+            expected = (inp.num_frames, inp.height, inp.width, 3)
+            if tuple(frames.shape) != expected:
+                raise RuntimeError(f"pipeline returned frames {tuple(frames.shape)}, expected {expected}")
+            with tempfile.TemporaryDirectory(prefix=f"bora-{self.job.job_id}-") as tmp:
                 self.warn_truncation(token_count, truncated)
                 files = self.encode(frames, Path(tmp))
                 outputs = self.upload(files)
-                self._close_stage()
-                total = time.perf_counter() - started
+                self.close_stage()
+                total = time.perf_counter() - self._started
                 self.life.succeed(outputs, self.timings(total))
                 self._observe(total)
-                rt.consecutive_ooms = 0
-                status = JobStatus.succeeded.value
-        except RunSuperseded as exc:
-            status, code = self._stop_superseded(exc)
+                self.rt.consecutive_ooms = 0
+                self._end(JobStatus.succeeded.value, None)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a job state here
-            status, code = self._handle_failure(exc, time.perf_counter() - started)
-        finally:
-            rt.current_job = None
-            rt.metrics.busy.set(0)
-            rt.metrics.update_gpu_memory(rt.device)
-            if rt.heartbeat:
-                stopping = rt.heartbeat.state == WorkerState.stopping
-                rt.heartbeat.update(
-                    state=WorkerState.stopping if stopping else WorkerState.ready, current_job=None
-                )
-        return {"job_id": job.job_id, "status": status, "code": code}
+            self.stop(exc)
 
-    def _check_model(self) -> None:
+    def stop(self, exc: Exception) -> None:
+        """End this run because of `exc`: superseded, interrupted (cancel, time limit, shutdown) or failed."""
+        if isinstance(exc, RunSuperseded):
+            self._end(*self._stop_superseded(exc))
+        else:
+            self._end(*self._handle_failure(exc, time.perf_counter() - self._started))
+
+    def check_model(self) -> None:
         served = getattr(self.rt.pipeline, "name", None)
         if served is not None and self.job.model != served:
             raise errors.InvalidInput(f"this worker serves model {served!r}, not {self.job.model!r}")
@@ -240,7 +253,7 @@ class VideoJobRun:
     def _handle_failure(self, exc: Exception, total: float) -> tuple[str, str | None]:
         from model.errors import Interrupted
 
-        self._close_stage()
+        self.close_stage()
         if isinstance(exc, REDIS_LOST):
             # Its state cannot be written now, and may even have been (a lost reply): it stays `running` under
             # this run, and worker/main.py re-queues it once Redis is back. Uploaded objects stay: the record
@@ -254,7 +267,7 @@ class VideoJobRun:
             self._delete_uploaded()
             # State and RQ entry in one transaction: a crash now cannot leave it `queued` but off the queue.
             if self.life.requeue("worker shutting down", self.rt.settings) is not None:
-                self.rt.requeued.add(self.job.job_id)
+                self._protect_rq_entry()
                 return JobStatus.queued.value, None
             err = errors.Canceled("canceled while the worker was shutting down")  # no longer `running`
         else:
@@ -282,21 +295,27 @@ class VideoJobRun:
         the reaper (this worker was paused or cut off past its heartbeat). Stop at once, write nothing about
         the job, and remove this run's objects (attempt-specific: nobody else references them). Its RQ
         entry may already be the next run's: RQ's end-of-job bookkeeping must leave it alone."""
-        self._close_stage()
+        self.close_stage()
         self.life.audit("job.superseded", logging.WARNING, outcome="superseded", current=exc.current)
         self._delete_uploaded()
-        self.rt.requeued.add(self.job.job_id)
+        self._protect_rq_entry()
         return "superseded", None
+
+    def _protect_rq_entry(self) -> None:
+        """The job's RQ entry may be the next run's now: RQ's end-of-job bookkeeping of this execution must
+        leave it alone (worker/main.py). A claimed run was never RQ's: nothing to protect."""
+        if not self.claimed:
+            self.rt.requeued.add(self.job.job_id)
 
     # -- stages -----------------------------------------------------------------------------------------
 
     def _enter_stage(self, stage: Stage) -> None:
-        self._close_stage()
+        self.close_stage()
         self._stage = stage
         self._stage_started = time.perf_counter()
         self._poll(self.life.progress(stage, STAGE_PROGRESS[stage]))
 
-    def _close_stage(self) -> None:
+    def close_stage(self) -> None:
         if self._stage is not None:
             self.durations[self._stage.value] = time.perf_counter() - self._stage_started
             self._stage = None
@@ -321,14 +340,14 @@ class VideoJobRun:
         if self.should_cancel():
             raise Interrupted(f"stopped between stages ({self.interrupt_reason})")
 
-    def _on_stage(self, name: str) -> None:
+    def on_stage(self, name: str) -> None:
         stage = Stage(name)
         self._enter_stage(stage)
         if stage == Stage.denoising:
             self._denoise_started = time.perf_counter()
         self._raise_if_interrupted()
 
-    def _on_step(self, _pipe: Any, step_index: int, _timestep: int, total: int) -> None:
+    def on_step(self, _pipe: Any, step_index: int, _timestep: int, total: int) -> None:
         done = step_index + 1
         elapsed = time.perf_counter() - self._denoise_started
         self._step_seconds = elapsed / done
@@ -339,30 +358,6 @@ class VideoJobRun:
         self._poll(
             self.life.progress(Stage.denoising, progress, step=done, total_steps=total, eta_seconds=eta)
         )
-
-    def generate(self) -> tuple[Any, int, bool]:
-        """Run the pipeline; returns (frames [T,H,W,3] uint8, prompt token count, truncated)."""
-        inp = self.job.input
-        self._raise_if_interrupted()
-        out = self.rt.pipeline(
-            inp.prompt,
-            num_frames=inp.num_frames,
-            height=inp.height,
-            width=inp.width,
-            num_inference_steps=inp.num_inference_steps,
-            guidance_scale=inp.guidance_scale,
-            sampler=inp.sampler,
-            seed=self.job.seed,
-            callback_on_step_end=self._on_step,
-            should_cancel=self.should_cancel,
-            stage_callback=self._on_stage,
-        )
-        self._close_stage()
-        frames = out.frames[0]
-        expected = (inp.num_frames, inp.height, inp.width, 3)
-        if tuple(frames.shape) != expected:
-            raise RuntimeError(f"pipeline returned frames {tuple(frames.shape)}, expected {expected}")
-        return frames, int(out.token_counts[0]), bool(out.truncated[0])
 
     def warn_truncation(self, token_count: int, truncated: bool) -> None:
         if not truncated or "prompt_truncated" in self._warn_existing:
@@ -395,7 +390,7 @@ class VideoJobRun:
         )
         thumbnail = tmp / "thumbnail.jpg"
         write_thumbnail(frames[len(frames) // 2], thumbnail)
-        self._close_stage()
+        self.close_stage()
         return {"video": video, "thumbnail": thumbnail}
 
     def upload(self, files: dict[str, Path]) -> Outputs:
@@ -444,7 +439,7 @@ class VideoJobRun:
             sha256=file_sha256(sidecar_path),
         )
         self._put(sidecar_key, sidecar_path, "application/json")
-        self._close_stage()
+        self.close_stage()
         return Outputs(video=video, thumbnail=thumbnail, sidecar=sidecar)
 
     def _put(self, key: str, path: Path, content_type: str) -> None:

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A cancel the running worker has not finished after this long ends `canceled`"
     )
     max_consecutive_ooms: int = Field(3, ge=1, description="The worker exits (non-zero) after this many OOMs in a row")
+    # Batching (worker/batch.py): a worker that takes a job also claims up to `worker_batch_size - 1` queued jobs
+    # it can compute with it (same model, shape, steps, sampler and guidance) and runs them as one batch.
+    worker_batch_size: int = Field(1, ge=1, le=64, description="Jobs one pipeline call may run together; 1 = off")
     reaper_in_api: bool = Field(True, description="The API runs the reaper too (recovery with no worker up)")
     # Storage faults: an upload is tried this often, backing off from `upload_backoff_seconds` (doubling).
     upload_attempts: int = Field(4, ge=1)

@@ -214,9 +214,10 @@ return {1, cur}
 """
 
 # queued -> running. ARGV: worker id, now (ISO), now (unix s), run deadline (unix s), weights sha256|"", stage,
-# job id. KEYS: job, active, queued counts. The run token is `{worker id}:{attempt}`, attempt counted here. The same worker asking again (its
-# reply was lost) gets ALREADY with its token: a worker process runs one job at a time, so a job running
-# under its id is this very run. Returns {code, status before, token}; code -3: the job expired while queued.
+# job id. KEYS: job, active, queued counts. The run token is `{worker id}:{attempt}`, attempt counted here. The
+# same worker asking again (its reply was lost) gets ALREADY with its token: a worker process runs a job at
+# most once at a time (alone or in a batch of distinct jobs), so a job running under its id is this very run.
+# Returns {code, status before, token}; code -3: the job expired while queued.
 _START_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, '', ''} end

@@ -14,14 +14,17 @@ BORA_RQ_TIMEOUT_MARGIN_SECONDS later, as a last resort that the clean path alway
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 from rq import Queue
+from rq.job import Job
 
 from service.jobs import jobstore
 from service.jobs.config import Settings
-from service.jobs.schemas import JobPayload, JobRecord, utcnow
+from service.jobs.schemas import JobPayload, JobRecord, JobStatus, utcnow
 
 WORKER_FUNCTION = "worker.jobs.run_video_job"  # by dotted path: the API never imports the worker (torch)
 RQ_RESULT_TTL_SECONDS = 3600  # the result lives in our job hash; RQ's copy is only for debugging
@@ -78,7 +81,7 @@ def rq_entry(queue: Queue, settings: Settings, payload: JobPayload) -> jobstore.
     return jobstore.RqEntry(queue.key, job.key, job.to_dict())
 
 
-def payload_of(record: JobRecord) -> JobPayload:
+def payload_of(record: JobRecord, enqueued_at: datetime | None = None) -> JobPayload:
     """The worker's payload for a stored job (what the API enqueued when it was created)."""
     return JobPayload(
         job_id=record.id,
@@ -88,7 +91,7 @@ def payload_of(record: JobRecord) -> JobPayload:
         request_id=record.request_id,
         tenant=record.tenant,
         metadata=record.metadata,
-        enqueued_at=utcnow(),
+        enqueued_at=enqueued_at or utcnow(),
         timeout_seconds=record.timeout_seconds,
     )
 
@@ -129,3 +132,64 @@ def restore_entry(r: Redis, record: JobRecord, settings: Settings) -> bool:
             return False  # it changed meanwhile: the next pass looks again
 
 
+
+
+CLAIM_WINDOW = 100  # how far down the queue a worker looks for jobs to batch with the one it took
+
+# Take one entry off RQ's queue, and its RQ job hash with it, only if it is still there (another worker may
+# have dequeued it meanwhile). KEYS: queue list, RQ job hash; ARGV: job id.
+_CLAIM_LUA = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+def batch_key(payload: JobPayload) -> tuple[object, ...]:
+    """Jobs with equal keys can share one pipeline call: same model, shape, steps, sampler and guidance.
+    Prompt, seed and fps may differ (each sample has its own generator; fps only matters to the MP4)."""
+    inp = payload.input
+    return (payload.model, inp.num_frames, inp.height, inp.width, inp.num_inference_steps, inp.sampler,
+            inp.guidance_scale)
+
+
+def claim_batch(r: Redis, settings: Settings, first: JobPayload, limit: int) -> list[JobPayload]:
+    """Take up to `limit` queued jobs that can run in one batch with `first` off the RQ queue, oldest first
+    within the first CLAIM_WINDOW entries. A job is claimed only if its run-time limit is within `first`'s
+    (RQ's hard kill of `first`'s execution bounds the whole batch).
+
+    Each claim removes the job's queue entry and RQ job hash in one script, so two workers never claim the same
+    job. The caller then starts each claimed job (`jobstore.mark_running`, its own run token): from then on the
+    reaper recovers it like any running job if this worker dies. A worker dying between claim and start
+    leaves the job `queued` with no queue entry, which the reaper puts back (`restore_entry`)."""
+    if limit < 1:
+        return []
+    keys = jobstore.Keys(settings.key_prefix)
+    ids = [_text(i) for i in r.lrange(keys.rq_queue, 0, CLAIM_WINDOW - 1)]  # type: ignore[union-attr]
+    ids = [job_id for job_id in ids if job_id != first.job_id]
+    if not ids:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hgetall(keys.job(job_id))
+    wanted, first_limit = batch_key(first), run_limit(settings, first.timeout_seconds)
+    claim = r.register_script(_CLAIM_LUA)
+    claimed: list[JobPayload] = []
+    for job_id, fields in zip(ids, pipe.execute(), strict=True):
+        if len(claimed) == limit:
+            break
+        if not fields:
+            continue
+        record = jobstore.decode(jobstore.strings(fields))
+        if record.status != JobStatus.queued:
+            continue
+        payload = payload_of(record, enqueued_at=record.updated_at or record.created_at)
+        if batch_key(payload) != wanted or run_limit(settings, payload.timeout_seconds) > first_limit:
+            continue
+        if claim(keys=[keys.rq_queue, Job.key_for(job_id)], args=[job_id]):
+            claimed.append(payload)
+    return claimed
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from service.jobs.models import ENVELOPE, SIZE_MULTIPLE, Sampler
+
 SCHEMA_VERSION = 1
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -68,9 +70,6 @@ class ErrorCode(StrEnum):
     canceled = "canceled"
 
 
-Sampler = Literal["iddpm", "ddim", "dpm-solver++"]
-SAMPLERS: tuple[str, ...] = ("iddpm", "ddim", "dpm-solver++")
-
 WebhookEvent = Literal["video.started", "video.progress", "video.succeeded", "video.failed", "video.canceled"]
 WEBHOOK_EVENTS: tuple[str, ...] = (
     "video.started", "video.progress", "video.succeeded", "video.failed", "video.canceled"
@@ -89,6 +88,7 @@ def _no_nul(text: str) -> str:
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
 StrictInt = Annotated[int, Field(strict=True)]
+Side = Annotated[int, Field(strict=True, ge=ENVELOPE.min_side, le=ENVELOPE.max_side, multiple_of=SIZE_MULTIPLE)]
 
 
 class WebhookCreate(BaseModel):
@@ -117,7 +117,8 @@ class Webhook(BaseModel):
 class VideoCreate(BaseModel):
     """Request body of `POST /v1/videos`. Left-out fields take the served model's defaults.
 
-    Static bounds here are the widest any model accepts; the served model narrows them (still a 422).
+    Static bounds here are the envelope of every model's bounds (service/jobs/models.py: `ENVELOPE`); the
+    served model narrows them (still a 422).
     """
 
     model_config = ConfigDict(
@@ -132,20 +133,20 @@ class VideoCreate(BaseModel):
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_no_nul)] = Field(
         description="What the video shows. Cut at the text encoder's 120 tokens (a warning says so)."
     )
-    num_frames: Annotated[int, Field(strict=True, ge=1, le=64)] | None = Field(
+    num_frames: Annotated[int, Field(strict=True, ge=1, le=ENVELOPE.max_frames)] | None = Field(
         None, description="Frames to generate; the model's limit applies."
     )
-    height: Annotated[int, Field(strict=True, ge=16, le=512, multiple_of=16)] | None = Field(
+    height: Side | None = Field(
         None, description="Pixels, a multiple of 16 (VAE ×8, patch ×2)."
     )
-    width: Annotated[int, Field(strict=True, ge=16, le=512, multiple_of=16)] | None = Field(
+    width: Side | None = Field(
         None, description="Pixels, a multiple of 16 (VAE ×8, patch ×2)."
     )
     fps: Annotated[int, Field(strict=True, ge=1, le=60)] | None = Field(None, description="Frames per second of the MP4.")
-    num_inference_steps: Annotated[int, Field(strict=True, ge=1, le=1000)] | None = Field(
+    num_inference_steps: Annotated[int, Field(strict=True, ge=1, le=ENVELOPE.max_steps)] | None = Field(
         None, description="Denoising steps; the model's limit per sampler applies."
     )
-    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0, allow_inf_nan=False)] | None = Field(
+    guidance_scale: Annotated[float, Field(ge=0.0, le=ENVELOPE.max_guidance, allow_inf_nan=False)] | None = Field(
         None, description="Classifier-free guidance scale."
     )
     sampler: Sampler | None = Field(None, description="`iddpm` (upstream), `ddim` or `dpm-solver++`.")

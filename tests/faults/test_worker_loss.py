@@ -13,6 +13,7 @@ import signal
 import time
 
 import httpx
+import pytest
 from rq.registry import StartedJobRegistry
 
 from tests.faults.conftest import PREFIX, dump, error_of
@@ -79,3 +80,43 @@ def test_kill_9_mid_job_loses_nothing(make_stack, tmp_path, report):
     assert leftovers == []
     started = StartedJobRegistry(f"{PREFIX}-videos", connection=r).get_job_ids(cleanup=False)
     assert [job_id for job_id in started if stack.record(job_id)["status"] == "running"] == []
+
+
+@pytest.mark.slow
+def test_kill_9_mid_batch_leaves_every_claimed_job_to_the_reaper(make_stack, report):
+    """A worker batching 3 jobs (the one RQ gave it and 2 it claimed off the queue) is killed mid-denoising:
+    each of the 3 is `running` under its own run token of the dead worker, the reaper re-queues every one,
+    and another worker completes them."""
+    stack = make_stack(BORA_WORKER_BATCH_SIZE="3")
+    stack.start_api()
+    r = stack.redis.client()
+    with httpx.Client(base_url=stack.base, timeout=5) as client:
+        ids = stack.submit(client, 3, **LONG)
+        victim = stack.start_worker("w1")
+        stack.wait_ready(victim)
+
+        def batch_denoising() -> bool:
+            records = [stack.record(job_id) for job_id in ids]
+            return all(rec.get("status") == "running" and rec.get("stage") == "denoising"
+                       and int(rec.get("step") or 0) >= 2 for rec in records)
+
+        wait_for(batch_denoising, 60, "the victim to be mid-batch", interval=0.02)
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.wait(timeout=10)
+        records = [stack.record(job_id) for job_id in ids]
+        assert len({rec["worker_id"] for rec in records}) == 1  # one worker ran all three
+        assert [rec["run_token"].rsplit(":", 1)[1] for rec in records] == ["1", "1", "1"]
+        assert r.llen(f"rq:queue:{PREFIX}-videos") == 0  # the two claimed jobs left the queue
+
+        requeued = wait_for(
+            lambda: all(stack.record(job_id)["status"] != "running" for job_id in ids) and time.monotonic(),
+            30, "the reaper",
+        )
+        survivor = stack.start_worker("w2")
+        jobs = wait_for(lambda: stack.ended(client, ids), 120, "every job to end", interval=0.5)
+        report(f"kill -9 mid-batch: all 3 batched jobs re-queued {requeued - killed_at:.1f} s after the kill")
+
+    assert survivor.poll() is None, stack.log("w2")
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}, dump(jobs)
+    assert [stack.record(job_id)["attempts"] for job_id in ids] == ["2", "2", "2"]

@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 
 from model.presets import BORA_DEFAULTS, DEMO_DEFAULTS, PRESETS, TINY_DEFAULTS
-from service.jobs.models import MODELS, SIZE_MULTIPLE
+from model.schedulers import SAMPLERS as MODEL_SAMPLERS
+from service.jobs.models import MODELS, SAMPLERS, SIZE_MULTIPLE
 
 
 def test_the_service_serves_every_preset():
     assert MODELS.keys() == PRESETS.keys()
+
+
+def test_the_service_knows_the_pipeline_samplers():
+    assert set(SAMPLERS) == set(MODEL_SAMPLERS)
+    assert all(set(spec.max_steps) == set(SAMPLERS) for spec in MODELS.values())
 
 
 @pytest.mark.parametrize("name, defaults", [("bora", BORA_DEFAULTS), ("tiny", TINY_DEFAULTS), ("demo", DEMO_DEFAULTS)])

@@ -25,7 +25,7 @@ from service.jobs import deletion, idempotency, jobstore, queueing, webhooks
 from service.jobs.audit import audit
 from service.jobs.config import Settings
 from service.jobs.errors import JobNotFound
-from service.jobs.models import normalize
+from service.jobs.inputs import normalize
 from service.jobs.schemas import (
     DEFAULT_WEBHOOK_EVENTS,
     JobList,
