@@ -174,6 +174,7 @@ class VideoJobRun:
         self._step_seconds: float | None = None
         self.uploaded: list[str] = []
         self._warn_existing: set[str] = set()
+        self.store_prompt = True  # the record's decision (BORA_STORE_PROMPT when it was created), read at start
 
     # -- the whole job ----------------------------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class VideoJobRun:
             return {"job_id": job.job_id, "status": "skipped"}
 
         started = time.perf_counter()
+        self.store_prompt = record.store_prompt
         enqueued = job.enqueued_at or record.created_at
         if record.started_at is not None:
             self.queue_wait_s = max((record.started_at - enqueued).total_seconds(), 0.0)
@@ -343,6 +345,7 @@ class VideoJobRun:
     def generate(self) -> tuple[Any, int, bool]:
         """Run the pipeline; returns (frames [T,H,W,3] uint8, prompt token count, truncated)."""
         inp = self.job.input
+        assert inp.prompt is not None  # JobPayload refuses a payload without one
         self._raise_if_interrupted()
         out = self.rt.pipeline(
             inp.prompt,
@@ -390,13 +393,18 @@ class VideoJobRun:
             {
                 "title": f"Bora synthetic video {self.job.job_id}",
                 "comment": SYNTHETIC_LABEL,
-                "description": inp.prompt[:1000],
+                "description": self._prompt_text()[:1000],
             },
         )
         thumbnail = tmp / "thumbnail.jpg"
         write_thumbnail(frames[len(frames) // 2], thumbnail)
         self._close_stage()
         return {"video": video, "thumbnail": thumbnail}
+
+    def _prompt_text(self) -> str:
+        """The prompt as the MP4's `description` tag shows it: itself, or only its hash (BORA_STORE_PROMPT)."""
+        inp = self.job.input
+        return (inp.prompt or "") if self.store_prompt else f"prompt sha256:{inp.prompt_sha256}"
 
     def upload(self, files: dict[str, Path]) -> Outputs:
         self._enter_stage(Stage.uploading)
@@ -504,8 +512,9 @@ class VideoJobRun:
             "label": SYNTHETIC_LABEL,
             "job_id": job.job_id,
             "created_at": utcnow().isoformat(),
-            "prompt": job.input.prompt,
-            "params": job.input.model_dump(mode="json", exclude={"prompt"}),
+            "prompt": job.input.prompt if self.store_prompt else None,
+            "prompt_sha256": job.input.prompt_sha256,
+            "params": job.input.params(),
             "seed": job.seed,
             "model": {
                 "name": getattr(rt.pipeline, "name", job.model),

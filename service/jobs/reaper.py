@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from redis import Redis
 
-from service.jobs import jobstore, queueing
+from service.jobs import jobstore, queueing, retention
 from service.jobs.audit import audit
 from service.jobs.config import Settings
 from service.jobs.errors import InvalidTransition, JobNotFound
@@ -173,8 +173,8 @@ def _text(value: bytes | str) -> str:
 def start(
     r: Redis, settings: Settings, stop: threading.Event, storage: Storage | None = None
 ) -> threading.Thread:
-    """Every `settings.reaper_interval_seconds` until `stop` is set, in a daemon thread: `reap`, and
-    `purge_orphans` when given the storage."""
+    """Every `settings.reaper_interval_seconds` until `stop` is set, in a daemon thread: `reap`, and when
+    given the storage `purge_orphans` and, when due, the retention sweep (service/jobs/retention.py)."""
 
     def loop() -> None:
         while not stop.wait(settings.reaper_interval_seconds):
@@ -182,6 +182,7 @@ def start(
                 reap(r, settings)
                 if storage is not None:
                     purge_orphans(r, settings, storage)
+                    retention.sweep_if_due(r, settings, storage)
             except Exception:  # Redis or storage down: try again next round
                 logger.warning("reaper pass failed", exc_info=True)
 

@@ -331,6 +331,8 @@ def enqueue_event(
     from rq import Queue  # here, so that importing this module for signatures does not need rq
 
     msg_id = new_message_id()
+    if not job.store_prompt:  # a receiver, and the queued retries, get the hash only (BORA_STORE_PROMPT=false)
+        job = job.without_prompt()
     body = event_body(event, job.public().model_dump(mode="json"))
     Queue(queue_name(prefix), connection=r).enqueue_call(
         SEND_FUNCTION,

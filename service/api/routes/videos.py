@@ -176,6 +176,7 @@ def create_video(
         tenant=tenant,
         request_id=request_id,
         retention_s=settings.job_retention_seconds,
+        store_prompt=settings.store_prompt,
         idempotency_key=idempotency_key,
         timeout_seconds=queueing.run_limit(settings, body.timeout_seconds),
     )
