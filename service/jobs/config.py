@@ -123,6 +123,10 @@ class Settings(BaseSettings):
         None, description="Wait before attempt 2, 3, ... (JSON list); default service.jobs.webhooks.BACKOFF_SECONDS"
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    webhook_workers: int = Field(8, ge=1, le=64, description="Deliveries one sender process makes at once")
+    webhook_max_per_destination: int = Field(
+        2, ge=1, description="Deliveries in flight to one host:port at once, across every sender process"
+    )
     events_poll_interval_seconds: float = Field(0.5, gt=0)
     events_keepalive_seconds: float = Field(15.0, gt=0)
     events_max_seconds: float = Field(300.0, gt=0)
