@@ -173,8 +173,9 @@ def _text(value: bytes | str) -> str:
 def start(
     r: Redis, settings: Settings, stop: threading.Event, storage: Storage | None = None
 ) -> threading.Thread:
-    """Every `settings.reaper_interval_seconds` until `stop` is set, in a daemon thread: `reap`, and when
-    given the storage `purge_orphans` and, when due, the retention sweep (service/jobs/retention.py)."""
+    """Every `settings.reaper_interval_seconds` until `stop` is set, in a daemon thread: `reap`, and
+    `purge_orphans` when given the storage. With the storage, a second thread runs the retention sweep
+    (service/jobs/retention.py) when due: walking a large bucket must not hold up the recovery of jobs."""
 
     def loop() -> None:
         while not stop.wait(settings.reaper_interval_seconds):
@@ -182,10 +183,18 @@ def start(
                 reap(r, settings)
                 if storage is not None:
                     purge_orphans(r, settings, storage)
-                    retention.sweep_if_due(r, settings, storage)
             except Exception:  # Redis or storage down: try again next round
                 logger.warning("reaper pass failed", exc_info=True)
 
+    def sweep_loop(storage: Storage) -> None:
+        while not stop.wait(settings.reaper_interval_seconds):
+            try:
+                retention.sweep_if_due(r, settings, storage)
+            except Exception:  # Redis or storage down: try again next round
+                logger.warning("retention sweep failed", exc_info=True)
+
+    if storage is not None:
+        threading.Thread(target=sweep_loop, args=(storage,), name="bora-retention", daemon=True).start()
     thread = threading.Thread(target=loop, name="bora-reaper", daemon=True)
     thread.start()
     return thread
