@@ -291,7 +291,7 @@ def test_commands_images_and_settings_match_compose(manifests, compose):
         assert image.split(":")[0] == compose_default(services[service]["image"]).split(":")[0]
     # Shared settings: the same values as compose's defaults.
     config = find(gpu, "ConfigMap", "bora-config")["data"]
-    for name in ("BORA_KEY_PREFIX", "BORA_RETENTION_SECONDS", "BORA_JOB_TIMEOUT_SECONDS",
+    for name in ("BORA_KEY_PREFIX", "BORA_RETENTION_SECONDS", "BORA_STORE_PROMPT", "BORA_JOB_TIMEOUT_SECONDS",
                  "BORA_WORKER_METRICS_PORT"):
         assert config[name] == compose_default(compose["x-bora-env"][name]), name
     worker_env = env_of(container(find(gpu, "Deployment", "worker"), "worker"))
