@@ -60,7 +60,7 @@ def send_webhook(
         return {"dropped": True}
     kwargs = {"job_id": job_id, "event": event, "payload": payload, "url": url, "tenant": tenant,
               "attempt": attempt, "msg_id": msg_id or webhooks.new_message_id()}
-    queue.enqueue_call(
+    task = queue.enqueue_call(
         webhooks.DELIVER_FUNCTION,
         kwargs=kwargs,
         timeout=int(settings.webhook_timeout_seconds) + 30,
@@ -69,6 +69,7 @@ def send_webhook(
         description=f"webhook {event} {job_id}",
         rate_limit=webhooks.destination_limit(settings.key_prefix, url, settings.webhook_max_per_destination),
     )
+    webhooks.track_task(r, settings.key_prefix, job_id, task.id, settings.job_retention_seconds)
     return {"queued": kwargs["msg_id"]}
 
 

@@ -268,6 +268,33 @@ def attempts(r: Redis, prefix: str, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(item) for item in r.lrange(_attempts_key(prefix, job_id), 0, -1)]
 
 
+def _tasks_key(prefix: str, job_id: str) -> str:
+    return f"{prefix}:job:{job_id}:webhook-tasks"
+
+
+def track_task(r: Redis | Pipeline, prefix: str, job_id: str, task_id: str, ttl: int) -> None:
+    """Note an RQ task carrying one of the job's messages, so that deleting the job can remove it
+    (`drop_tasks`): its body is the job, prompt included."""
+    r.sadd(_tasks_key(prefix, job_id), task_id)
+    r.expire(_tasks_key(prefix, job_id), ttl)
+
+
+def drop_tasks(r: Redis, prefix: str, job_id: str) -> None:
+    """Remove the job's queued, scheduled and finished webhook tasks (DELETE of the job). One being delivered
+    right now is left to finish: the sender drops the messages of a job that is gone."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    for raw in r.smembers(_tasks_key(prefix, job_id)):  # type: ignore[union-attr]
+        try:
+            task = Job.fetch(raw.decode() if isinstance(raw, bytes) else raw, connection=r)
+        except NoSuchJobError:
+            continue
+        if task.get_status() != JobStatus.STARTED:
+            task.delete(remove_from_queue=True)
+    r.delete(_tasks_key(prefix, job_id))
+
+
 def deliver_attempt(
     r: Redis,
     queue: Any,
@@ -309,9 +336,10 @@ def deliver_attempt(
     if delay is not None:
         kwargs = {"job_id": job_id, "event": event, "payload": body.decode(), "url": url,
                   "attempt": attempt + 1, "msg_id": msg_id, **(extra or {})}
-        queue.enqueue_in(
+        retry = queue.enqueue_in(
             timedelta(seconds=delay), func, kwargs=kwargs, job_timeout=int(timeout) + 30, rate_limit=rate_limit
         )
+        track_task(r, prefix, job_id, retry.id, ttl)
     return record
 
 
@@ -344,7 +372,7 @@ def enqueue_event(
     if not job.store_prompt:  # a receiver, and the queued retries, get the hash only (BORA_STORE_PROMPT=false)
         job = job.without_prompt()
     body = event_body(event, job.public().model_dump(mode="json"))
-    Queue(queue_name(prefix), connection=r).enqueue_call(
+    task = Queue(queue_name(prefix), connection=r).enqueue_call(
         SEND_FUNCTION,
         kwargs={"job_id": job.id, "event": event, "payload": body.decode(), "url": hook.url,
                 "tenant": job.tenant, "attempt": 1, "msg_id": msg_id},
@@ -354,6 +382,7 @@ def enqueue_event(
         description=f"webhook {event} {job.id}",
         pipeline=pipeline,
     )
+    track_task(pipeline if pipeline is not None else r, prefix, job.id, task.id, job.retention_s)
     return msg_id
 
 

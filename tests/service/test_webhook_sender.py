@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from rq import Queue
 
 from service.jobs import jobstore, webhooks
 from service.jobs.config import Settings
@@ -71,12 +72,16 @@ def receivers() -> Iterator[tuple[Receiver, Receiver]]:
     quick.close()
 
 
-def _hooked_job(r, settings: Settings, port: int) -> str:
+def _hooked_job(r, settings: Settings, port: int, retention_seconds: int | None = None) -> str:
     record = queued_record().model_copy(
         update={"webhook": Webhook(url=f"http://127.0.0.1:{port}/hook", events=["video.canceled"])}
     )
-    jobstore.create(r, record, prefix=settings.key_prefix)
+    jobstore.create(r, record, prefix=settings.key_prefix, retention_seconds=retention_seconds)
     return record.id
+
+
+def _queued_tasks(r, settings: Settings) -> list[Any]:
+    return Queue(webhooks.queue_name(settings.key_prefix), connection=r).jobs
 
 
 def test_a_hanging_receiver_does_not_delay_the_others(redis_conn, settings, receivers, tmp_path):
@@ -85,11 +90,16 @@ def test_a_hanging_receiver_does_not_delay_the_others(redis_conn, settings, rece
     stuck = [_hooked_job(redis_conn, settings, hanging.port) for _ in range(6)]  # queued first
     served = [_hooked_job(redis_conn, settings, quick.port) for _ in range(3)]
     deleted = _hooked_job(redis_conn, settings, quick.port)
-    for job_id in stuck + served + [deleted]:
+    expired = _hooked_job(redis_conn, settings, quick.port, retention_seconds=1)  # gone before it is sent
+    for job_id in stuck + served + [deleted, expired]:
         webhooks.enqueue_event(redis_conn, jobstore.get(redis_conn, job_id, prefix=prefix), "video.canceled",
                                prefix=prefix)
+    assert len(_queued_tasks(redis_conn, settings)) == 11
     delete_job(redis_conn, LocalStorage(settings.storage_dir), jobstore.get(redis_conn, deleted, prefix=prefix),
                prefix=prefix)
+    # DELETE took the job's message off the queue at once (its body is the job, prompt included).
+    assert deleted not in [task.kwargs["job_id"] for task in _queued_tasks(redis_conn, settings)]
+    wait_for(lambda: not redis_conn.exists(jobstore.Keys(prefix).job(expired)), 5, "the expired job's record")
 
     env = bora_env(
         settings, BORA_REDIS_URL=REDIS_URL, BORA_WEBHOOK_ALLOWED_HOSTS=f"127.0.0.1:{hanging.port},127.0.0.1:{quick.port}",
@@ -106,9 +116,9 @@ def test_a_hanging_receiver_does_not_delay_the_others(redis_conn, settings, rece
         assert sorted(job_id for _, job_id in quick.arrivals) == sorted(served)
         # ... and the hanging one never held more than its share of the sender's workers.
         assert hanging.most_in_flight == 2
-        wait_for(lambda: "webhook.dropped" in log.read_text(), 30, "the deleted job's message to be dropped")
-        assert deleted not in [job_id for _, job_id in quick.arrivals]
-        assert webhooks.attempts(redis_conn, prefix, deleted) == []
+        wait_for(lambda: "webhook.dropped" in log.read_text(), 30, "the expired job's message to be dropped")
+        assert not {deleted, expired} & {job_id for _, job_id in quick.arrivals}
+        assert webhooks.attempts(redis_conn, prefix, deleted) == webhooks.attempts(redis_conn, prefix, expired) == []
     finally:
         hanging.release.set()
         stop_processes([sender])
