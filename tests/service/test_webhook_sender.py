@@ -114,7 +114,8 @@ def test_a_hanging_receiver_does_not_delay_the_others(redis_conn, settings, rece
         # The quick receiver was served while the first stuck deliveries still hung (before their timeout) ...
         assert max(at for at, _ in quick.arrivals) - first_hang < TIMEOUT_S
         assert sorted(job_id for _, job_id in quick.arrivals) == sorted(served)
-        # ... and the hanging one never held more than its share of the sender's workers.
+        # ... and the hanging one got its share of the sender's workers, never more.
+        wait_for(lambda: hanging.most_in_flight >= 2, TIMEOUT_S, "two deliveries to the hanging receiver")
         assert hanging.most_in_flight == 2
         wait_for(lambda: "webhook.dropped" in log.read_text(), 30, "the expired job's message to be dropped")
         assert not {deleted, expired} & {job_id for _, job_id in quick.arrivals}
