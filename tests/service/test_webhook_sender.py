@@ -23,6 +23,7 @@ from service.jobs.storage import LocalStorage
 from tests.service.conftest import REDIS_URL, bora_env, queued_record
 from tests.support import start_process, stop_processes, wait_for
 
+pytestmark = pytest.mark.slow  # a sender process and a timed race, ~5 s: `make test-slow`
 TIMEOUT_S = 6  # BORA_WEBHOOK_TIMEOUT_SECONDS: how long the sender waits on the hanging receiver
 
 
@@ -109,7 +110,10 @@ def test_a_hanging_receiver_does_not_delay_the_others(redis_conn, settings, rece
     log = tmp_path / "webhooks.log"
     sender = start_process([sys.executable, "-m", "service.webhook_sender"], env, log)
     try:
-        wait_for(lambda: len(quick.arrivals) == 3, 60, "the quick receiver's deliveries: " + log.read_text()[-2000:])
+        try:
+            wait_for(lambda: len(quick.arrivals) == 3, 30, "the quick receiver's deliveries")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; got {quick.arrivals}, sender log:\n{log.read_text()[-6000:]}") from None
         first_hang = min(at for at, _ in hanging.arrivals)
         # The quick receiver was served while the first stuck deliveries still hung (before their timeout) ...
         assert max(at for at, _ in quick.arrivals) - first_hang < TIMEOUT_S
