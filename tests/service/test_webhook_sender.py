@@ -113,7 +113,11 @@ def test_a_hanging_receiver_does_not_delay_the_others(redis_conn, settings, rece
         try:
             wait_for(lambda: len(quick.arrivals) == 3, 30, "the quick receiver's deliveries")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; got {quick.arrivals}, sender log:\n{log.read_text()[-6000:]}") from None
+            raise AssertionError(
+                f"{exc}; got {quick.arrivals}, the hanging receiver {hanging.arrivals}, still queued "
+                f"{Queue(webhooks.queue_name(prefix), connection=redis_conn).job_ids}; sender log:\n"
+                f"{log.read_text()[-3000:]}"
+            ) from None
         first_hang = min(at for at, _ in hanging.arrivals)
         # The quick receiver was served while the first stuck deliveries still hung (before their timeout) ...
         assert max(at for at, _ in quick.arrivals) - first_hang < TIMEOUT_S
