@@ -167,7 +167,7 @@ def main() -> None:
         BORA_REDIS_URL=args.redis_url, BORA_KEY_PREFIX=prefix, BORA_DATA_DIR=str(tmp / "data"),
         BORA_MODEL_PRESET="tiny", BORA_MODEL_DIR=model_dir, BORA_DEVICE="cpu",
         BORA_AUTH="disabled", BORA_HOST="127.0.0.1", BORA_WORKER_METRICS_PORT="0",
-        BORA_WORKER_ID=f"{prefix}-worker", BORA_JOB_RETENTION_SECONDS="600", PYTHONPATH=str(REPO_ROOT),
+        BORA_WORKER_ID=f"{prefix}-worker", BORA_RETENTION_SECONDS="600", PYTHONPATH=str(REPO_ROOT),
     )
     r = Redis.from_url(args.redis_url)
     bare_queue_name = f"{prefix}-noop"

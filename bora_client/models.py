@@ -57,7 +57,8 @@ class Outputs(_Model):
 class VideoInput(_Model):
     """The request with every default filled in: what the worker generates."""
 
-    prompt: str
+    prompt: str | None  # null once ended on a server that keeps only the hash (BORA_STORE_PROMPT=false)
+    prompt_sha256: str | None = None
     num_frames: int
     height: int
     width: int

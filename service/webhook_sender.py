@@ -1,11 +1,14 @@
 """`python -m service.webhook_sender`: deliver signed webhooks from the `{prefix}-webhooks` queue.
 
-Job state changes (worker/lifecycle.py, and the API for a cancel while queued) enqueue
-`send_webhook(...)` there via service.jobs.webhooks.enqueue_event. This process runs those tasks in an RQ
-`SimpleWorker` with RQ's scheduler, so a failed attempt re-enqueued with `enqueue_in` (the backoff) fires
-when due. It is separate from the GPU worker so a slow or dead receiver never holds a GPU; torch-free, it
-runs from the API image (compose service `webhooks`). One attempt = service.jobs.webhooks.deliver_attempt (allowlist check,
-signed POST without redirects, attempt recorded where the API shows it, retry scheduled on failure).
+Job state changes (worker/lifecycle.py, the API, the reapers) enqueue `send_webhook(...)` there via
+service.jobs.webhooks.enqueue_event. `send_webhook` hands the message over to `deliver_webhook`, queued under
+the destination's concurrency limit (service.jobs.webhooks.destination_limit); one attempt =
+service.jobs.webhooks.deliver_attempt (allowlist check, signed POST without redirects, attempt recorded where
+the API shows it, retry scheduled on failure). This process runs BORA_WEBHOOK_WORKERS RQ `SimpleWorker`s (an
+RQ `WorkerPool`, each with RQ's scheduler, so retries fire when due): deliveries to different receivers run
+side by side, and one that hangs holds at most BORA_WEBHOOK_MAX_PER_DESTINATION of them for the timeout.
+It is separate from the GPU worker so a slow or dead receiver never holds a GPU; torch-free, it runs from the
+API image (compose service `webhooks`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,29 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue, SimpleWorker, get_current_job
+from rq.worker_pool import WorkerPool
 
-from service.jobs import logs, webhooks
+from service.jobs import jobstore, logs, webhooks
 from service.jobs.config import Settings, get_settings
 from service.jobs.connection import connect
 
 logger = logging.getLogger(__name__)
+
+
+def _context() -> tuple[Settings, Redis, Queue]:
+    settings = get_settings()
+    current = get_current_job()
+    r: Redis = current.connection if current is not None else connect(settings)
+    return settings, r, Queue(webhooks.queue_name(settings.key_prefix), connection=r)
+
+
+def _job_gone(r: Redis, settings: Settings, job_id: str, event: str, attempt: int) -> bool:
+    """A deleted job (or one past retention) gets nothing more: its messages are dropped, not sent."""
+    if r.exists(jobstore.Keys(settings.key_prefix).job(job_id)):
+        return False
+    logger.info("webhook dropped", extra={"event": "webhook.dropped", "job_id": job_id, "webhook_event": event,
+                                          "attempt": attempt, "reason": "job_gone"})
+    return True
 
 
 def send_webhook(
@@ -33,15 +53,44 @@ def send_webhook(
     attempt: int = 1,
     msg_id: str | None = None,
 ) -> dict[str, Any]:
-    """One delivery attempt (the RQ task). Never raises for delivery trouble: the attempt is recorded and,
-    on failure, the next one scheduled."""
-    settings = get_settings()
-    current = get_current_job()
-    r: Redis = current.connection if current is not None else connect(settings)
+    """The task a state change queues (in its own transaction, where RQ cannot apply a concurrency limit):
+    queue the delivery under its destination's limit. Sends nothing itself, so it never waits on a receiver."""
+    settings, r, queue = _context()
+    if _job_gone(r, settings, job_id, event, attempt):
+        return {"dropped": True}
+    kwargs = {"job_id": job_id, "event": event, "payload": payload, "url": url, "tenant": tenant,
+              "attempt": attempt, "msg_id": msg_id or webhooks.new_message_id()}
+    task = queue.enqueue_call(
+        webhooks.DELIVER_FUNCTION,
+        kwargs=kwargs,
+        timeout=int(settings.webhook_timeout_seconds) + 30,
+        result_ttl=webhooks.TASK_RESULT_TTL,
+        failure_ttl=7 * 24 * 3600,
+        description=f"webhook {event} {job_id}",
+        rate_limit=webhooks.destination_limit(settings.key_prefix, url, settings.webhook_max_per_destination),
+    )
+    webhooks.track_task(r, settings.key_prefix, job_id, task.id, settings.job_retention_seconds)
+    return {"queued": kwargs["msg_id"]}
+
+
+def deliver_webhook(
+    job_id: str,
+    event: str,
+    payload: str,
+    url: str,
+    tenant: str | None = None,
+    attempt: int = 1,
+    msg_id: str | None = None,
+) -> dict[str, Any]:
+    """One delivery attempt. Never raises for delivery trouble: the attempt is recorded and, on failure, the
+    next one scheduled (under the same destination limit)."""
+    settings, r, queue = _context()
+    if _job_gone(r, settings, job_id, event, attempt):
+        return {"dropped": True}
     secret = webhooks.secret_for(settings, tenant)
     record = webhooks.deliver_attempt(
         r,
-        Queue(webhooks.queue_name(settings.key_prefix), connection=r),
+        queue,
         prefix=settings.key_prefix,
         job_id=job_id,
         event=event,
@@ -52,12 +101,13 @@ def send_webhook(
         msg_id=msg_id or webhooks.new_message_id(),
         # Without a secret nothing may be sent: an empty allowlist records the refusal instead.
         allowed_hosts=settings.webhook_hosts if secret else [],
-        func=webhooks.SEND_FUNCTION,
+        func=webhooks.DELIVER_FUNCTION,
         extra={"tenant": tenant},
         allow_http_loopback=settings.webhook_allow_http_loopback,
         timeout=settings.webhook_timeout_seconds,
         ttl=settings.job_retention_seconds,
         backoff=settings.webhook_backoff_seconds or webhooks.BACKOFF_SECONDS,
+        rate_limit=webhooks.destination_limit(settings.key_prefix, url, settings.webhook_max_per_destination),
     )
     logger.log(
         logging.INFO if record["ok"] else logging.WARNING,
@@ -70,16 +120,17 @@ def send_webhook(
 
 
 def run(settings: Settings, *, burst: bool = False, log_level: str = "INFO") -> int:
-    # RQ blocks on the queue: its connection must not time out while idle.
+    # RQ blocks on the queue: its connections must not time out while idle.
     r = connect(settings, socket_timeout=None)
     queue = Queue(webhooks.queue_name(settings.key_prefix), connection=r)
-    worker = SimpleWorker([queue], connection=r)
+    pool = WorkerPool([queue], connection=r, num_workers=settings.webhook_workers, worker_class=SimpleWorker)
     logger.info(
         "webhook sender starting",
-        extra={"queue": queue.name, "allowed_hosts": settings.webhook_hosts, "worker": worker.name},
+        extra={"queue": queue.name, "allowed_hosts": settings.webhook_hosts, "workers": settings.webhook_workers,
+               "max_per_destination": settings.webhook_max_per_destination},
     )
-    worker.work(burst=burst, logging_level=log_level, with_scheduler=True)
-    logger.info("webhook sender stopped", extra={"worker": worker.name})
+    pool.start(burst=burst, logging_level=log_level)
+    logger.info("webhook sender stopped", extra={"queue": queue.name})
     return 0
 
 

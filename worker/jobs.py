@@ -185,6 +185,7 @@ class VideoJobRun:
         self.uploaded: list[str] = []
         self._warn_existing: set[str] = set()
         self.summary: dict[str, Any] | None = None  # set once the run has ended (or was skipped)
+        self.store_prompt = True  # the record's decision (BORA_STORE_PROMPT when it was created), read at start
 
     def _end(self, status: str, code: str | None) -> None:
         self.summary = {"job_id": self.job.job_id, "status": status, "code": code}
@@ -210,6 +211,7 @@ class VideoJobRun:
             self._end("skipped", None)
             return False
         self._started = time.perf_counter()
+        self.store_prompt = record.store_prompt
         self.deadline = time.monotonic() + self.limit_s
         enqueued = job.enqueued_at or record.created_at
         if record.started_at is not None:
@@ -385,13 +387,18 @@ class VideoJobRun:
             {
                 "title": f"Bora synthetic video {self.job.job_id}",
                 "comment": SYNTHETIC_LABEL,
-                "description": inp.prompt[:1000],
+                "description": self._prompt_text()[:1000],
             },
         )
         thumbnail = tmp / "thumbnail.jpg"
         write_thumbnail(frames[len(frames) // 2], thumbnail)
         self.close_stage()
         return {"video": video, "thumbnail": thumbnail}
+
+    def _prompt_text(self) -> str:
+        """The prompt as the MP4's `description` tag shows it: itself, or only its hash (BORA_STORE_PROMPT)."""
+        inp = self.job.input
+        return (inp.prompt or "") if self.store_prompt else f"prompt sha256:{inp.prompt_sha256}"
 
     def upload(self, files: dict[str, Path]) -> Outputs:
         self._enter_stage(Stage.uploading)
@@ -499,8 +506,9 @@ class VideoJobRun:
             "label": SYNTHETIC_LABEL,
             "job_id": job.job_id,
             "created_at": utcnow().isoformat(),
-            "prompt": job.input.prompt,
-            "params": job.input.model_dump(mode="json", exclude={"prompt"}),
+            "prompt": job.input.prompt if self.store_prompt else None,
+            "prompt_sha256": job.input.prompt_sha256,
+            "params": job.input.params(),
             "seed": job.seed,
             "model": {
                 "name": getattr(rt.pipeline, "name", job.model),

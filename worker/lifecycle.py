@@ -10,7 +10,6 @@ state change, so the API's /readyz and the reaper see this worker's state.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -93,9 +92,8 @@ class JobLifecycle:
             "worker_id": self.worker_id,
         }
         if self.input is not None and event in _STATE_EVENTS:
-            params = self.input.model_dump(exclude={"prompt"})
-            extra["prompt_sha256"] = hashlib.sha256(self.input.prompt.encode()).hexdigest()
-            extra["params"] = params
+            extra["prompt_sha256"] = self.input.prompt_sha256
+            extra["params"] = self.input.params()
         # LogRecord attributes (message, args, name, ...) cannot be extra keys: suffix them.
         extra.update({(f"{k}_" if k in _LOG_RECORD_ATTRS else k): v for k, v in fields.items()})
         logger.log(level, event, extra=extra, exc_info=exc_info)

@@ -1,15 +1,15 @@
 #!/bin/sh
 # One-shot MinIO set-up for Bora, run by the `minio-setup` compose service (image minio/mc). Idempotent.
 #  1. the video bucket;
-#  2. a lifecycle rule expiring objects after ceil(BORA_JOB_RETENTION_SECONDS / 86400) days (S3 expiry is in
-#     whole days; a video outlives its job record in Redis by less than one day);
+#  2. a lifecycle rule expiring objects after ceil(BORA_RETENTION_SECONDS / 86400) days (S3 expiry is in whole
+#     days, counted from the upload): a backstop to the services' own retention sweeper;
 #  3. a user for Bora (BORA_S3_ACCESS_KEY_ID) limited to that bucket, so the API and workers never hold
 #     MinIO's root credentials.
 set -eu
 
 : "${MINIO_URL:?}" "${MINIO_ROOT_USER:?}" "${MINIO_ROOT_PASSWORD:?}"
 : "${BORA_S3_BUCKET:?}" "${BORA_S3_ACCESS_KEY_ID:?}" "${BORA_S3_SECRET_ACCESS_KEY:?}"
-retention_seconds="${BORA_JOB_RETENTION_SECONDS:-604800}"
+retention_seconds="${BORA_RETENTION_SECONDS:-${BORA_JOB_RETENTION_SECONDS:-604800}}"  # the old name still works
 
 days=$(( (retention_seconds + 86399) / 86400 ))
 if [ "$days" -lt 1 ]; then days=1; fi

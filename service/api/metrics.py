@@ -18,7 +18,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.jobs import heartbeats, jobstore
+from service.jobs import heartbeats, jobstore, retention
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ApiMetrics:
 
 
 class RedisCollector(Collector):
-    """Gauges read from Redis at scrape: queue depth, ready workers, finished jobs by status/code."""
+    """Read from Redis at scrape: queue depth, ready workers, finished jobs by status/code, retention deletions."""
 
     def __init__(self, redis: Redis, *, prefix: str, heartbeat_ttl_seconds: float) -> None:
         self.redis = redis
@@ -69,6 +69,7 @@ class RedisCollector(Collector):
             )
             finished = jobstore.finished_counts(self.redis, prefix=self.prefix)
             active, overdue = jobstore.active_counts(self.redis, prefix=self.prefix)
+            swept_objects, swept_jobs = retention.deleted_counts(self.redis, prefix=self.prefix)
         except RedisError as exc:
             log.warning("metrics: redis unreachable at scrape: %s", exc)
             up.add_metric([], 0)
@@ -95,6 +96,14 @@ class RedisCollector(Collector):
         for (status, code), count in sorted(finished.items()):
             family.add_metric([status, code], count)
         yield family
+        yield CounterMetricFamily(
+            "bora_retention_deleted_objects", "Stored objects deleted because their job passed BORA_RETENTION_SECONDS.",
+            value=swept_objects,
+        )
+        yield CounterMetricFamily(
+            "bora_retention_deleted_jobs", "Jobs whose outputs were deleted because they passed BORA_RETENTION_SECONDS.",
+            value=swept_jobs,
+        )
 
 
 class MetricsMiddleware:

@@ -8,7 +8,6 @@ The fields travel as `extra=` on logger `bora.audit`; the API process writes the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -25,8 +24,8 @@ def job_fields(record: JobRecord) -> dict[str, Any]:
         "job_id": record.id,
         "tenant": record.tenant,
         "model": record.model,
-        "prompt_sha256": hashlib.sha256(record.input.prompt.encode()).hexdigest(),
-        "params": record.input.model_dump(exclude={"prompt"}),
+        "prompt_sha256": record.input.prompt_sha256,
+        "params": record.input.params(),
     }
 
 

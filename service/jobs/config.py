@@ -11,12 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BORA_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="BORA_", env_file=None, extra="ignore", populate_by_name=True)
 
     # --- API -----------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -46,7 +46,17 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Unset: the devserver finds or embeds one.")
     redis_timeout_seconds: float = Field(1.5, gt=0)
     key_prefix: str = Field("bora", pattern=r"^[A-Za-z0-9_.-]+$")
-    job_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
+    job_retention_seconds: int = Field(
+        7 * 24 * 3600, ge=60,
+        validation_alias=AliasChoices("BORA_RETENTION_SECONDS", "BORA_JOB_RETENTION_SECONDS"),  # the old name still works
+        description="How long a job's record and outputs live after it ended (service/jobs/retention.py)",
+    )
+    retention_sweep_interval_seconds: float = Field(
+        3600.0, gt=0, description="How often one replica deletes the outputs of jobs past retention"
+    )
+    store_prompt: bool = Field(
+        True, description="false: once a job ends, only the prompt's sha256 is kept (record, sidecar, MP4 tags)"
+    )
     job_timeout_seconds: int = Field(1800, ge=1, description="Run-time limit of a job; also the most a request may ask")
     rq_timeout_margin_seconds: int = Field(
         60, ge=1, description="RQ's hard kill comes this long after a job's own limit, so the clean timeout wins"
@@ -121,6 +131,10 @@ class Settings(BaseSettings):
         None, description="Wait before attempt 2, 3, ... (JSON list); default service.jobs.webhooks.BACKOFF_SECONDS"
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    webhook_workers: int = Field(8, ge=1, le=64, description="Deliveries one sender process makes at once")
+    webhook_max_per_destination: int = Field(
+        2, ge=1, description="Deliveries in flight to one host:port at once, across every sender process"
+    )
     events_poll_interval_seconds: float = Field(0.5, gt=0)
     events_keepalive_seconds: float = Field(15.0, gt=0)
     events_max_seconds: float = Field(300.0, gt=0)

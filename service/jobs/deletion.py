@@ -4,7 +4,7 @@
 names and every attempt's output keys, in case a failed or superseded run left some), then in one MULTI/EXEC
 the job hash,
 its places in the listings, its webhook attempt log, the RQ queue entry, and finally
-RQ's copy of the payload and the job's Idempotency-Key entry. Objects go first so that a storage outage
+its webhook messages not sent yet, RQ's copy of the payload and the job's Idempotency-Key entry. Objects go first so that a storage outage
 (StorageError, 503) leaves the record in place and the client can retry; every step is safe to repeat.
 
 A job that has not ended is canceled first: a queued one at once; a running one is asked to stop and
@@ -21,7 +21,7 @@ from redis import Redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from service.jobs import idempotency, jobstore
+from service.jobs import idempotency, jobstore, webhooks
 from service.jobs.errors import Conflict, JobStopping
 from service.jobs.schemas import JobRecord
 from service.jobs.storage import Storage, output_key
@@ -50,6 +50,7 @@ def delete_job(
         pipe.zrem(names.tenant_jobs(record.tenant), record.id)
     pipe.lrem(names.rq_queue, 0, record.id)
     pipe.execute()
+    webhooks.drop_tasks(r, prefix, record.id)  # queued messages carry the job, prompt included
     with contextlib.suppress(NoSuchJobError):
         Job.fetch(record.id, connection=r).delete(remove_from_queue=True)
     if record.idempotency_key and record.tenant:

@@ -16,6 +16,7 @@ Data model (P = settings.key_prefix):
   P:rate:{t}            STRING, the tenant's submission token bucket (service/jobs/admission.py).
   P:stats:finished      HASH "status:code" -> count, bumped by each terminal transition.
   P:stats:durations     LIST of recent successful `total_s` (newest first, 50 kept), for queue ETAs.
+  P:stats:retention     HASH objects|jobs -> count deleted by the retention sweeper (service/jobs/retention.py).
   rq:queue:{P}-videos   RQ's queue; RQ job id == our job id.
 
 Allowed transitions:
@@ -60,6 +61,7 @@ from service.jobs.schemas import (
     Outputs,
     Stage,
     Timings,
+    VideoInput,
     utcnow,
 )
 
@@ -113,6 +115,14 @@ class Keys:
     @property
     def stats_durations(self) -> str:
         return f"{self.prefix}:stats:durations"
+
+    @property
+    def stats_retention(self) -> str:
+        return f"{self.prefix}:stats:retention"
+
+    @property
+    def retention_lock(self) -> str:
+        return f"{self.prefix}:retention:sweep"
 
     @property
     def queue_name(self) -> str:
@@ -340,8 +350,7 @@ def _guarded(
     transition ALREADY made by this actor. Returns the record after the transition; raises like `_apply`."""
     keys = Keys(prefix)
     key = keys.job(job_id)
-    spec = _spec(**change)
-    target = spec["status"] or "updated"
+    target = _spec(**change)["status"] or "updated"
     script = r.register_script(_TRANSITION_LUA)
     last: Exception | None = None
     for _ in range(WATCH_ATTEMPTS):
@@ -349,6 +358,7 @@ def _guarded(
             try:
                 pipe.watch(key)
                 fields = strings(pipe.hgetall(key))
+                spec = _forget_prompt(fields, _spec(**change))
                 code = _decide(fields, spec)
                 _raise_for(code, job_id, fields.get("status", ""), target)
                 after = _after(fields, spec)
@@ -363,6 +373,17 @@ def _guarded(
             except WatchError as exc:  # changed meanwhile, or the connection dropped while watching
                 last = exc
     raise RedisConnectionError(f"job {job_id}: transition to {target} not confirmed after {WATCH_ATTEMPTS} tries") from last
+
+
+def _forget_prompt(fields: dict[str, str], spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec`, also replacing the prompt by its sha256 when it ends a job created with BORA_STORE_PROMPT=false
+    (the worker needs the prompt until then). Every terminal transition comes through `_guarded`."""
+    ends = bool(spec["status"]) and JobStatus(spec["status"]).terminal
+    if not ends or fields.get("store_prompt", "True") != "False" or "input" not in fields:
+        return spec
+    forgotten = VideoInput.model_validate_json(fields["input"]).without_prompt()
+    spec["set"]["input"] = _encode_value(forgotten.model_dump(mode="json"))
+    return spec
 
 
 def _apply(r: Redis, job_id: str, target: JobStatus, *, prefix: str, **kwargs: Any) -> None:

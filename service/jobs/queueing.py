@@ -55,7 +55,8 @@ def enqueue(
         args=(payload.model_dump(mode="json"),),
         job_id=payload.job_id,
         timeout=run_limit(settings, payload.timeout_seconds) + settings.rq_timeout_margin_seconds,
-        result_ttl=RQ_RESULT_TTL_SECONDS,
+        # RQ's copy holds the prompt: with BORA_STORE_PROMPT=false it goes as soon as the job has run.
+        result_ttl=RQ_RESULT_TTL_SECONDS if settings.store_prompt else 0,
         failure_ttl=settings.rq_failure_ttl_seconds,
         description=f"video {payload.job_id}",
         at_front=at_front,

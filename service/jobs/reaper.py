@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from redis import Redis
 
-from service.jobs import jobstore, queueing
+from service.jobs import jobstore, queueing, retention
 from service.jobs.audit import audit
 from service.jobs.config import Settings
 from service.jobs.errors import InvalidTransition, JobNotFound
@@ -222,7 +222,9 @@ def start(
     r: Redis, settings: Settings, stop: threading.Event, storage: Storage | None = None
 ) -> threading.Thread:
     """Every `settings.reaper_interval_seconds` until `stop` is set, in a daemon thread: `reap`, the queued
-    counts' repair, the listing indexes' trim, and `purge_orphans` when given the storage."""
+    counts' repair, the listing indexes' trim, and `purge_orphans` when given the storage. With the storage, a
+    second thread runs the retention sweep (service/jobs/retention.py) when due: walking a large bucket must not
+    hold up the recovery of jobs."""
 
     def loop() -> None:
         while not stop.wait(settings.reaper_interval_seconds):
@@ -238,6 +240,15 @@ def start(
             except Exception:  # Redis or storage down: try again next round
                 logger.warning("reaper pass failed", exc_info=True)
 
+    def sweep_loop(storage: Storage) -> None:
+        while not stop.wait(settings.reaper_interval_seconds):
+            try:
+                retention.sweep_if_due(r, settings, storage)
+            except Exception:  # Redis or storage down: try again next round
+                logger.warning("retention sweep failed", exc_info=True)
+
+    if storage is not None:
+        threading.Thread(target=sweep_loop, args=(storage,), name="bora-retention", daemon=True).start()
     thread = threading.Thread(target=loop, name="bora-reaper", daemon=True)
     thread.start()
     return thread

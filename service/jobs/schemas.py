@@ -10,11 +10,12 @@ Redis keeps one hash field per top-level attribute of `JobRecord`; nested values
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from service.jobs.models import ENVELOPE, SIZE_MULTIPLE, Sampler
 
@@ -168,7 +169,10 @@ class VideoCreate(BaseModel):
 class VideoInput(BaseModel):
     """A request with every default filled in: exactly what the worker generates."""
 
-    prompt: str
+    prompt: str | None = Field(
+        description="null once the job has ended on a server that keeps only the prompt's hash (BORA_STORE_PROMPT=false)."
+    )
+    prompt_sha256: str | None = Field(None, description="Hex SHA-256 of the prompt's UTF-8 bytes.")
     num_frames: int
     height: int
     width: int
@@ -177,6 +181,19 @@ class VideoInput(BaseModel):
     guidance_scale: float
     sampler: Sampler
     seed: int
+
+    @model_validator(mode="after")
+    def _hash_prompt(self) -> VideoInput:
+        if self.prompt is not None:
+            self.prompt_sha256 = hashlib.sha256(self.prompt.encode()).hexdigest()
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """Everything but the prompt (what audit lines and the sidecar list as the job's parameters)."""
+        return self.model_dump(mode="json", exclude={"prompt", "prompt_sha256"})
+
+    def without_prompt(self) -> VideoInput:
+        return self.model_copy(update={"prompt": None})
 
 
 class JobWarning(BaseModel):
@@ -278,6 +295,12 @@ class JobRecord(VideoJob):
     attempts: int = 0
     retention_s: int = 604800
     idempotency_key: str | None = Field(None, description="The submission's key, so deleting the job drops it.")
+    store_prompt: bool = Field(
+        True, description="False: the terminal transition keeps only the prompt's sha256 (BORA_STORE_PROMPT)."
+    )
+
+    def without_prompt(self) -> JobRecord:
+        return self.model_copy(update={"input": self.input.without_prompt()})
 
     def public(self) -> VideoJob:
         return VideoJob.model_validate(self.model_dump(include=set(VideoJob.model_fields)))
@@ -298,6 +321,12 @@ class JobPayload(BaseModel):
     metadata: dict[str, str] | None = None
     enqueued_at: datetime | None = None
     timeout_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> JobPayload:
+        if self.input.prompt is None:
+            raise ValueError("input.prompt is required: the worker cannot generate from a hash")
+        return self
 
 
 class WebhookAttempt(BaseModel):

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,11 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; absent is fine."""
+
+    @abstractmethod
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, last modified in unix seconds) of every object whose key starts with `prefix` (a folder,
+        ending in `/`); the objects of one folder come one after another."""
 
     def local_path(self, key: str) -> Path | None:
         """A filesystem path the API can stream from, or None (S3)."""
@@ -106,7 +112,28 @@ class LocalStorage(Storage):
         return self._path(key).read_bytes()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """Remove the file and the folders it leaves empty (`videos/{job}/{attempt}/`, `videos/{job}/`)."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.root or not folder.is_relative_to(self.root):
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): the folders above are not empty either
+                break
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, float]]:
+        base = self.root / prefix
+        for folder, subfolders, files in os.walk(base):
+            subfolders.sort()
+            for name in sorted(files):
+                path = Path(folder) / name
+                try:
+                    modified = path.stat().st_mtime
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                yield path.relative_to(self.root).as_posix(), modified
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
@@ -217,6 +244,17 @@ class S3Storage(Storage):
         except self._errors() as exc:
             raise StorageError(f"cannot delete {key} from s3://{self.bucket}: {exc}") from exc
 
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """S3 lists keys in lexicographic order, so one folder's objects come together."""
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for entry in page.get("Contents", []):
+                    yield entry["Key"][strip:], entry["LastModified"].timestamp()
+        except self._errors() as exc:
+            raise StorageError(f"cannot list s3://{self.bucket}/{full}: {exc}") from exc
+
     def presigned_url(self, key: str, ttl_seconds: int, filename: str | None = None) -> str | None:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
         if filename:
@@ -261,7 +299,10 @@ def make_storage(settings: Settings) -> Storage:
     return LocalStorage(settings.storage_dir)
 
 
+OUTPUTS_PREFIX = "videos/"
+
+
 def output_key(job_id: str, name: str, attempt: int) -> str:
     """Where a run's outputs live: `videos/<job_id>/<attempt>/<name>` (video.mp4, thumbnail.jpg,
     metadata.json). Per attempt, so a late or superseded run never overwrites or deletes another run's."""
-    return f"videos/{job_id}/{attempt}/{name}"
+    return f"{OUTPUTS_PREFIX}{job_id}/{attempt}/{name}"

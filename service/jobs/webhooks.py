@@ -18,12 +18,17 @@ Retries: `BACKOFF_SECONDS[n]` is the wait before attempt n+1, covering a bit ove
 
 Flow: a job state change (worker/lifecycle.py; the API for a cancel while queued; a reaper ending a dead
 worker's job, via `notify`) calls `enqueue_event`, which builds the signed-to-be body once and enqueues
-`service.webhook_sender.send_webhook` on `{prefix}-webhooks`.
-That task calls `deliver_attempt`: it delivers, appends the attempt to the Redis list
-`{prefix}:job:{id}:webhooks` (what `GET /v1/videos/{id}/webhook-attempts` shows) and, on failure, re-enqueues
-the same task with `attempt + 1` via `queue.enqueue_in(delay, ...)` - run by `python -m
-service.webhook_sender`, an RQ worker started with its scheduler. The tenant, not the secret, travels in the
-RQ job, so no secret is written to Redis; the sender derives it (`secret_for`).
+`service.webhook_sender.send_webhook` on `{prefix}-webhooks`, in the transition's own transaction.
+That task only hands the message to its destination's queue: it re-enqueues it as
+`service.webhook_sender.deliver_webhook` under RQ's concurrency limit for the URL's host:port
+(`destination_limit`, BORA_WEBHOOK_MAX_PER_DESTINATION deliveries in flight to one destination, across
+every sender process), so a receiver that hangs holds at most that many of the sender's workers while the
+others keep delivering to everyone else. `deliver_webhook` calls `deliver_attempt`: it delivers, appends the
+attempt to the Redis list `{prefix}:job:{id}:webhooks` (what `GET /v1/videos/{id}/webhook-attempts` shows)
+and, on failure, re-enqueues itself with `attempt + 1` via `queue.enqueue_in(delay, ...)`, under the same
+limit. `python -m service.webhook_sender` runs BORA_WEBHOOK_WORKERS RQ workers with their scheduler. The
+tenant, not the secret, travels in the RQ job, so no secret is written to Redis; the sender derives it
+(`secret_for`). A message whose job is gone (deleted, or past retention) is dropped, never sent.
 """
 
 from __future__ import annotations
@@ -263,6 +268,33 @@ def attempts(r: Redis, prefix: str, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(item) for item in r.lrange(_attempts_key(prefix, job_id), 0, -1)]
 
 
+def _tasks_key(prefix: str, job_id: str) -> str:
+    return f"{prefix}:job:{job_id}:webhook-tasks"
+
+
+def track_task(r: Redis | Pipeline, prefix: str, job_id: str, task_id: str, ttl: int) -> None:
+    """Note an RQ task carrying one of the job's messages, so that deleting the job can remove it
+    (`drop_tasks`): its body is the job, prompt included."""
+    r.sadd(_tasks_key(prefix, job_id), task_id)
+    r.expire(_tasks_key(prefix, job_id), ttl)
+
+
+def drop_tasks(r: Redis, prefix: str, job_id: str) -> None:
+    """Remove the job's queued, scheduled and finished webhook tasks (DELETE of the job). One being delivered
+    right now is left to finish: the sender drops the messages of a job that is gone."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    for raw in r.smembers(_tasks_key(prefix, job_id)):  # type: ignore[union-attr]
+        try:
+            task = Job.fetch(raw.decode() if isinstance(raw, bytes) else raw, connection=r)
+        except NoSuchJobError:
+            continue
+        if task.get_status() != JobStatus.STARTED:
+            task.delete(remove_from_queue=True)
+    r.delete(_tasks_key(prefix, job_id))
+
+
 def deliver_attempt(
     r: Redis,
     queue: Any,
@@ -282,11 +314,13 @@ def deliver_attempt(
     timeout: float = 10.0,
     ttl: int = 7 * 24 * 3600,
     backoff: Sequence[float] = BACKOFF_SECONDS,
+    rate_limit: Any = None,
 ) -> dict[str, Any]:
     """One attempt of the RQ task: check the destination (again - the allowlist may have changed), deliver,
     record, and schedule `func(job_id=..., event=..., payload=..., url=..., attempt=n+1, msg_id=..., **extra)`
     on `queue` (an rq.Queue) after the backoff when it failed. Retries carry the finished body (a str), so
-    every attempt sends the same message under the same `msg_id`."""
+    every attempt sends the same message under the same `msg_id`; with `rate_limit` (an rq.RateLimit,
+    `destination_limit`) under the destination's concurrency limit."""
     body = _body(event, payload)
     try:
         url = check_destination(url, allowed_hosts, allow_http_loopback)
@@ -302,13 +336,17 @@ def deliver_attempt(
     if delay is not None:
         kwargs = {"job_id": job_id, "event": event, "payload": body.decode(), "url": url,
                   "attempt": attempt + 1, "msg_id": msg_id, **(extra or {})}
-        queue.enqueue_in(timedelta(seconds=delay), func, kwargs=kwargs, job_timeout=int(timeout) + 30)
+        retry = queue.enqueue_in(
+            timedelta(seconds=delay), func, kwargs=kwargs, job_timeout=int(timeout) + 30, rate_limit=rate_limit
+        )
+        track_task(r, prefix, job_id, retry.id, ttl)
     return record
 
 
 # --- events from job state ---------------------------------------------------------------------------------
 
-SEND_FUNCTION = "service.webhook_sender.send_webhook"
+SEND_FUNCTION = "service.webhook_sender.send_webhook"  # queued with the state change; hands over to:
+DELIVER_FUNCTION = "service.webhook_sender.deliver_webhook"  # one attempt, under the destination's limit
 PROGRESS_EVERY = 10.0  # percentage points between two `video.progress` events of one job
 TASK_RESULT_TTL = 3600
 
@@ -331,8 +369,10 @@ def enqueue_event(
     from rq import Queue  # here, so that importing this module for signatures does not need rq
 
     msg_id = new_message_id()
+    if not job.store_prompt:  # a receiver, and the queued retries, get the hash only (BORA_STORE_PROMPT=false)
+        job = job.without_prompt()
     body = event_body(event, job.public().model_dump(mode="json"))
-    Queue(queue_name(prefix), connection=r).enqueue_call(
+    task = Queue(queue_name(prefix), connection=r).enqueue_call(
         SEND_FUNCTION,
         kwargs={"job_id": job.id, "event": event, "payload": body.decode(), "url": hook.url,
                 "tenant": job.tenant, "attempt": 1, "msg_id": msg_id},
@@ -342,7 +382,21 @@ def enqueue_event(
         description=f"webhook {event} {job.id}",
         pipeline=pipeline,
     )
+    track_task(pipeline if pipeline is not None else r, prefix, job.id, task.id, job.retention_s)
     return msg_id
+
+
+def destination_limit(prefix: str, url: str, concurrency: int) -> Any:
+    """RQ's concurrency limit (an rq.RateLimit) for deliveries to the URL's host:port. RQ keeps its slots in
+    Redis, so the limit holds across every sender process; a delivery past it waits in RQ, holding no worker."""
+    from rq import RateLimit
+
+    try:
+        parsed = httpx.URL(url)
+        destination = f"{parsed.host}:{parsed.port or {'https': 443, 'http': 80}.get(parsed.scheme, 0)}"
+    except (httpx.InvalidURL, ValueError):
+        destination = "invalid"  # refused by the allowlist check anyway
+    return RateLimit(f"{prefix}:webhooks:{destination}", concurrency)
 
 
 def notify(r: Redis, job: JobRecord, event: str, *, prefix: str) -> None:

@@ -193,15 +193,18 @@ def _fake_mc(tmp_path: Path) -> Path:
     return bin_dir
 
 
-@pytest.mark.parametrize(("retention_seconds", "days"), [(604800, 7), (90000, 2), (60, 1)])
-def test_minio_setup_expires_objects_after_the_retention(tmp_path, retention_seconds, days):
+@pytest.mark.parametrize(("retention_seconds", "days", "name"), [
+    (604800, 7, "BORA_RETENTION_SECONDS"), (90000, 2, "BORA_RETENTION_SECONDS"), (60, 1, "BORA_RETENTION_SECONDS"),
+    (90000, 2, "BORA_JOB_RETENTION_SECONDS"),  # the old name still works
+])
+def test_minio_setup_expires_objects_after_the_retention(tmp_path, retention_seconds, days, name):
     bin_dir = _fake_mc(tmp_path)
     log = tmp_path / "mc.log"
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "MC_LOG": str(log), "MINIO_URL": "http://minio:9000",
         "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "rootpass", "BORA_S3_BUCKET": "bora-videos",
         "BORA_S3_ACCESS_KEY_ID": "bora", "BORA_S3_SECRET_ACCESS_KEY": "borasecret",
-        "BORA_JOB_RETENTION_SECONDS": str(retention_seconds),
+        name: str(retention_seconds),
     }
     script = REPO_ROOT / "deploy" / "minio" / "setup-bucket.sh"
     result = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)

@@ -20,6 +20,7 @@ import yaml
 from deploy_files import REPO_ROOT
 from fastapi.testclient import TestClient
 from k8s_manifests import KEDA_SCHEMAS, OVERLAYS, container, containers, find, hpa_variant, render, workloads
+from pydantic import AliasChoices
 
 from service.jobs.config import Settings
 from service.jobs.jobstore import queue_name
@@ -261,6 +262,9 @@ def grace_seconds(worker: dict[str, Any]) -> float:
 
 def test_env_var_names_are_settings_the_code_reads(manifests):
     settings = {f"BORA_{name.upper()}" for name in Settings.model_fields}
+    for field in Settings.model_fields.values():  # a renamed setting is read under the names it lists
+        if isinstance(field.validation_alias, AliasChoices):
+            settings |= {name for name in field.validation_alias.choices if isinstance(name, str)}
     for variant, docs in manifests.items():
         names = set(find(docs, "ConfigMap", "bora-config")["data"])
         for doc in workloads(docs):
@@ -287,7 +291,7 @@ def test_commands_images_and_settings_match_compose(manifests, compose):
         assert image.split(":")[0] == compose_default(services[service]["image"]).split(":")[0]
     # Shared settings: the same values as compose's defaults.
     config = find(gpu, "ConfigMap", "bora-config")["data"]
-    for name in ("BORA_KEY_PREFIX", "BORA_JOB_RETENTION_SECONDS", "BORA_JOB_TIMEOUT_SECONDS",
+    for name in ("BORA_KEY_PREFIX", "BORA_RETENTION_SECONDS", "BORA_STORE_PROMPT", "BORA_JOB_TIMEOUT_SECONDS",
                  "BORA_WORKER_METRICS_PORT"):
         assert config[name] == compose_default(compose["x-bora-env"][name]), name
     worker_env = env_of(container(find(gpu, "Deployment", "worker"), "worker"))

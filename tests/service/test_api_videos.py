@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from rq import Queue
 from rq.job import Job
@@ -81,6 +83,7 @@ def test_submit_answers_202_at_once_with_location_and_seed(client, redis_conn, s
     assert job["input"] == {
         "prompt": "a beating heart, ultrasound", "num_frames": 16, "height": 64, "width": 64, "fps": 8,
         "num_inference_steps": 10, "guidance_scale": 7.0, "sampler": "iddpm", "seed": job["seed"],
+        "prompt_sha256": hashlib.sha256(b"a beating heart, ultrasound").hexdigest(),
     }
     assert job["model"] == "tiny" and job["warnings"] == []
     assert response.headers["x-request-id"]
@@ -118,6 +121,7 @@ def test_generate_alias_and_full_request(client):
     job = response.json()
     assert response.headers["location"] == f"/v1/videos/{job['id']}"
     expected = {k: v for k, v in body.items() if k not in ("model", "metadata")}
+    expected["prompt_sha256"] = hashlib.sha256(body["prompt"].encode()).hexdigest()
     assert job["input"] == expected
     assert job["metadata"] == {"patient_ref": "case-17"}
     assert [w["code"] for w in job["warnings"]] == ["untrained_shape"]

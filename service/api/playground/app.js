@@ -427,7 +427,7 @@ async function refreshRecent() {
       const row = document.createElement("tr");
       row.dataset.id = job.id;
       for (const [text, cls] of [[new Date(job.created_at).toLocaleString(), ""], [job.status, "status"],
-                                 [job.input.prompt, "prompt"]]) {
+                                 [job.input.prompt ?? `sha256 ${job.input.prompt_sha256}`, "prompt"]]) {
         const cell = document.createElement("td");
         cell.textContent = text;
         if (cls) cell.className = cls;

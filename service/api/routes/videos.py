@@ -152,6 +152,7 @@ async def create_video(body: VideoCreate, caller: CallerDep, idempotency_key: Id
         tenant=tenant,
         request_id=request_id,
         retention_s=settings.job_retention_seconds,
+        store_prompt=settings.store_prompt,
         idempotency_key=idempotency_key,
         timeout_seconds=queueing.run_limit(settings, body.timeout_seconds),
     )
