@@ -303,8 +303,8 @@ def _checkpoint_blocks(model: STDiT) -> None:
     for block in model.blocks:
         forward = block.forward
 
-        def checkpointed(*args, _forward=forward):
-            return checkpoint(_forward, *args, use_reentrant=False)
+        def checkpointed(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed
 
