@@ -104,6 +104,8 @@ class BoraPipeline:
         self.text_encoder.set_null(transformer.y_embedder.y_embedding)
         self.denoiser = self._as_epsilon(transformer)  # what the sampler calls each step (see `accelerate`)
         self.step_mode = "eager"
+        if defaults.attention_broadcast is not None:
+            self.enable_attention_broadcast(AttentionBroadcastConfig(*defaults.attention_broadcast))
 
     @property
     def device(self) -> torch.device:

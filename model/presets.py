@@ -23,6 +23,13 @@ class GenerationDefaults:
     guidance_scale: float
     cfg_channel: int | None
     sampler: str = "iddpm"
+    # Pyramid attention broadcast (spatial, temporal, cross: recompute every n steps), None = off; see
+    # model/attention_broadcast.py. A default of the model because its effect on quality is measured per model.
+    attention_broadcast: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_broadcast is not None:  # JSON gives a list
+            object.__setattr__(self, "attention_broadcast", tuple(self.attention_broadcast))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,8 +87,8 @@ DEMO_STDIT = dict(
     caption_channels=DEMO_T5_DIM, model_max_length=120, space_scale=1.0, time_scale=1.0,
 )
 DEMO_DEFAULTS = GenerationDefaults(
-    num_frames=16, height=64, width=64, fps=8, num_inference_steps=25, guidance_scale=4.0, cfg_channel=None,
-    sampler="ddim",
+    num_frames=16, height=64, width=64, fps=8, num_inference_steps=15, guidance_scale=4.0, cfg_channel=None,
+    sampler="dpm-solver++", attention_broadcast=(2, 3, 5),  # picked by bench/sampler_quality.py (README: Speed)
 )
 
 PRESETS = {"bora": BORA_DEFAULTS, "tiny": TINY_DEFAULTS, "demo": DEMO_DEFAULTS}

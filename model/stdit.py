@@ -318,7 +318,7 @@ class STDiT(ModelMixin, ConfigMixin):
         t = self.t_embedder(timestep, dtype=x.dtype)  # [B, D]
         t0 = self.t_block(t)  # [B, 6D]
 
-        broadcast = self.attention_broadcast
+        broadcast = None if self.training else self.attention_broadcast  # reuse is for sampling, never training
         if broadcast is not None:
             broadcast.begin_step(int(timestep[0]), (*x.shape, caption.batch))
         for i, block in enumerate(self.blocks):

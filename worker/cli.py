@@ -258,7 +258,7 @@ def eval_command(
     steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the model's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale (default: the model's)")] = None,
     broadcast: Annotated[str | None, typer.Option(
-        help="Pyramid attention broadcast 'SPATIAL,TEMPORAL,CROSS' (recompute every n steps), off by default")] = None,
+        help="Pyramid attention broadcast: 'off' or 'SPATIAL,TEMPORAL,CROSS' (default: the model's)")] = None,
 ) -> None:
     """Measure a model on the demo's four procedural domains from held-out phrasings (see demo/evaluate.py)."""
     from demo.evaluate import evaluate, train_classifier, write_grids
@@ -268,7 +268,9 @@ def eval_command(
     typer.echo("training the domain classifier on real procedural clips and noise ...", err=True)
     classifier = train_classifier()
     pipe = BoraPipeline.from_pretrained(model, device=device)
-    if broadcast is not None:
+    if broadcast == "off":
+        pipe.disable_attention_broadcast()
+    elif broadcast is not None:
         try:
             spatial, temporal, cross = (int(n) for n in broadcast.split(","))
         except ValueError:

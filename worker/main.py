@@ -148,7 +148,9 @@ def load_runtime(
         text_encoder_device=None if settings.text_encoder_device == "same" else settings.text_encoder_device,
         text_encoder_dtype=getattr(torch, settings.text_encoder_dtype),
     )
-    if settings.attention_broadcast != "off":
+    if settings.attention_broadcast == "off":
+        pipeline.disable_attention_broadcast()
+    elif settings.attention_broadcast != "model":
         from model.attention_broadcast import AttentionBroadcastConfig
 
         spatial, temporal, cross = (int(n) for n in settings.attention_broadcast.split(","))

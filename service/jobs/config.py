@@ -91,9 +91,9 @@ class Settings(BaseSettings):
         "float32", description="T5 precision: fp32 as upstream, or bf16 (fp16 overflows in T5)"
     )
     attention_broadcast: str = Field(
-        "off", pattern=r"^(off|[1-9]\d*,[1-9]\d*,[1-9]\d*)$",
-        description="Pyramid attention broadcast `SPATIAL,TEMPORAL,CROSS` (recompute each attention every n steps "
-        "mid-run; fewer FLOPs, a slightly different video) or `off`",
+        "model", pattern=r"^(model|off|[1-9]\d*,[1-9]\d*,[1-9]\d*)$",
+        description="Pyramid attention broadcast: `model` (the pipeline folder's default), `off`, or "
+        "`SPATIAL,TEMPORAL,CROSS` (recompute each attention every n steps mid-run)",
     )
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
     worker_id: str | None = Field(

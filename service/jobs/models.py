@@ -68,8 +68,8 @@ MODELS: dict[str, ModelSpec] = {
         min_side=32,
         max_side=256,
         max_steps={"iddpm": 100, "ddim": 100, "dpm-solver++": 100},
-        default_sampler="ddim",
-        default_steps=25,
+        default_sampler="dpm-solver++",
+        default_steps=15,
         default_guidance=4.0,
     ),
 }
