@@ -20,6 +20,8 @@ Differences from upstream, none of which changes the maths of an fp32 eval forwa
   go to the fp32 sinusoids without a detour through that dtype (identical for integer timesteps in fp16);
 - training-mode caption dropout draws on the caption's device instead of `.cuda()`;
 - no sequence parallelism, gradient checkpointing or optional kernels (flash-attn, apex LayerNorm).
+- optional pyramid attention broadcast at sampling time (`attention_broadcast`, off unless a pipeline's
+  defaults or its caller turn it on): attention outputs reused across steps, model/attention_broadcast.py.
 """
 
 from __future__ import annotations
