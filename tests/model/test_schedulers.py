@@ -145,7 +145,9 @@ def test_model_out_per_step_matches_reference(trace, stdit_a, run):
     while |x| is moderate.
 
     Late steps feed |x| up to 1.3e3, where one fp32 ulp of the input is ~1.2e-7·|x| ≈ 1.5e-4: upstream's own
-    fp32 output there is 1.1e-4 away from an fp64 run of the same model, so the bound grows with |x|.
+    fp32 output there is 1.1e-4 away from an fp64 run of the same model, so the bound grows with |x|: the
+    forward tolerance plus one ulp of the input (a bound of 1e-7·|x| alone, under one ulp, failed with the
+    portable kernels by 5% at |x| ≈ 260 on one machine).
     """
     mask2 = trace["mask"].repeat(2, 1)
     y = torch.cat([trace["y_cond"], trace["y_null"]])
@@ -153,7 +155,7 @@ def test_model_out_per_step_matches_reference(trace, stdit_a, run):
         for i in range(trace[f"{run}.model_x"].shape[0]):
             x = trace[f"{run}.model_x"][i]
             out = stdit_a(x, trace[f"{run}.model_timesteps"][i], y, mask=mask2)
-            bound = max(reference_tolerances.FORWARD["atol"], 1e-7 * x.abs().max().item())
+            bound = reference_tolerances.FORWARD["atol"] + torch.finfo(torch.float32).eps * x.abs().max().item()
             assert (out - trace[f"{run}.model_out"][i]).abs().max().item() <= bound, i
 
 
