@@ -88,7 +88,6 @@ def _no_nul(text: str) -> str:
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
-StrictInt = Annotated[int, Field(strict=True)]
 Side = Annotated[int, Field(strict=True, ge=ENVELOPE.min_side, le=ENVELOPE.max_side, multiple_of=SIZE_MULTIPLE)]
 
 
