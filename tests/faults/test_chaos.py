@@ -76,7 +76,7 @@ def test_chaos(make_stack, redis_server, tmp_path, report):
                         break
                     time.sleep(0.5)
                 if i % 10 == 9:
-                    time.sleep(0.3)  # spread the submissions over the faults
+                    time.sleep(2.0)  # spread the submissions over the faults (~40 s: jobs run while they hit)
 
     def inject() -> None:
         events = ["delay", "drop_exec", "drop_eval", "blackhole"] * 3
@@ -101,10 +101,13 @@ def test_chaos(make_stack, redis_server, tmp_path, report):
                 workers["w1"].wait()
                 workers["w1"] = stack.start_worker("w1b")
             elif event == "zombie":
-                wait_for(lambda: busy(workers["w2"].pid), 30, "worker 2 to be running a job", interval=0.05)
-                os.kill(workers["w2"].pid, signal.SIGSTOP)
+                # whichever worker is running a job (jobs of 2 steps are short: waiting for one given worker
+                # to be caught mid-job could outlast the queue)
+                zombie = wait_for(lambda: next((w for w in workers.values() if busy(w.pid)), None), 60,
+                                  "a worker to be running a job", interval=0.02)
+                os.kill(zombie.pid, signal.SIGSTOP)
                 time.sleep(6)  # twice the heartbeat TTL: its job is taken over meanwhile
-                os.kill(workers["w2"].pid, signal.SIGCONT)
+                os.kill(zombie.pid, signal.SIGCONT)
 
     def busy(pid: int) -> bool:
         for key in r.scan_iter(f"{PREFIX}:worker:*"):
