@@ -212,8 +212,10 @@ def test_per_prompt_generators_exact_with_row_model(trace, name):
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_per_prompt_generators_with_stdit(trace, stdit_a, name):
-    # batched GEMMs may round differently from single-row ones; allow fp32 noise, not a different sample
-    _per_row_is_batch_independent(stdit_a, name, trace, atol_rel=1e-5)
+    # batched GEMMs may round differently from single-row ones, and IDDPM's random model amplifies it over the
+    # trajectory (|x| reaches 1e3): 1.7e-5 relative with the portable kernels (ATEN_CPU_CAPABILITY=default).
+    # Allow fp32 noise, not a different sample (that differs by O(1) relative).
+    _per_row_is_batch_independent(stdit_a, name, trace, atol_rel=1e-4)
 
 
 def test_single_generator_keeps_upstream_stream(trace):
