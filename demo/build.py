@@ -33,10 +33,11 @@ class DemoRecipe:
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 16
     lr: float = 3e-4
     warmup_steps: int = 100
+    decay_steps: int = 1000
     ema_decay: float = 0.998
     prediction: str = "v"
     checkpoint_every: int = 200
@@ -122,8 +123,8 @@ def build_demo(out: str | Path, work: str | Path, recipe: DemoRecipe | None = No
     config = TrainConfig(
         data=str(csv_path), pipeline=str(base), out=str(work / "run"), from_scratch=True,
         prediction=recipe.prediction, frame_interval=1, batch_size=recipe.batch_size, lr=recipe.lr,
-        warmup_steps=recipe.warmup_steps, max_steps=recipe.steps, ema_decay=recipe.ema_decay, seed=recipe.seed,
-        checkpoint_every=recipe.checkpoint_every, device="cpu",
+        warmup_steps=recipe.warmup_steps, decay_steps=recipe.decay_steps, max_steps=recipe.steps,
+        ema_decay=recipe.ema_decay, seed=recipe.seed, checkpoint_every=recipe.checkpoint_every, device="cpu",
     )
     final = Trainer(config, on_step=on_step).run()
     if out.exists():

@@ -77,13 +77,13 @@ def sample_attributes(domain: str, rng: np.random.Generator) -> dict:
 def render_cell(attrs: dict, rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = SIZE) -> np.ndarray:
     y, x = _grid(size)
     t = np.arange(frames, dtype=np.float32)[:, None, None, None]  # [T, 1, 1, 1]
-    n = int(rng.integers(4, 7) if attrs["count"] == "few" else rng.integers(10, 15))
+    n = int(rng.integers(3, 6) if attrs["count"] == "few" else rng.integers(8, 12))
     step = 0.018 if attrs["speed"] == "slow" else 0.05  # drift per frame, in [-1, 1] units
     angle = rng.uniform(0, 2 * np.pi, n)
     speed = step * rng.uniform(0.7, 1.3, n)
     cx = rng.uniform(-0.8, 0.8, n) + np.cos(angle) * speed * (t[..., 0, 0, 0][:, None] - frames / 2)  # [T, n]
     cy = rng.uniform(-0.8, 0.8, n) + np.sin(angle) * speed * (t[..., 0, 0, 0][:, None] - frames / 2)  # [T, n]
-    radius = rng.uniform(0.09, 0.14, n).astype(np.float32)
+    radius = rng.uniform(0.13, 0.18, n).astype(np.float32)
     # dividing cells: two daughters start on top of each other at half brightness, then move apart
     split = np.full(n, np.inf, dtype=np.float32)
     if attrs["dividing"]:
@@ -107,7 +107,7 @@ def render_cell(attrs: dict, rng: np.random.Generator, frames: int = NUM_FRAMES,
     intensity = np.clip(intensity, 0, 1.2)
     colour = np.asarray(CELL_COLOURS[attrs["colour"]], dtype=np.float32)
     background = 0.04 + 0.02 * _smooth(rng.random((size, size), dtype=np.float32), 2)
-    noise = 0.015 * rng.standard_normal((frames, size, size, 1)).astype(np.float32)
+    noise = 0.005 * rng.standard_normal((frames, size, size, 1)).astype(np.float32)
     return background[None, :, :, None] + intensity[..., None] * colour + noise
 
 
@@ -127,11 +127,11 @@ def render_ultrasound(attrs: dict, rng: np.random.Generator, frames: int = NUM_F
     beat = np.sin(2 * np.pi * cycles * t / NUM_FRAMES + rng.uniform(0, 2 * np.pi))  # [T, 1, 1]
     cx, cy = rng.uniform(-0.2, 0.2), rng.uniform(0.15, 0.45)
     rx, ry = rng.uniform(0.28, 0.36), rng.uniform(0.22, 0.3)
-    pulse = 1 + 0.22 * beat
+    pulse = 1 + 0.3 * beat
     ell = np.sqrt(((x - cx) / (rx * pulse)) ** 2 + ((y - cy) / (ry * pulse)) ** 2)  # [T, H, W]
     chamber = np.clip((1 - ell) / 0.15, 0, 1)  # dark blood inside
     wall = np.exp(-((ell - 1.1) ** 2) / 0.02)  # bright myocardium around it
-    drift = 0.08 * rng.standard_normal((frames, size, size)).astype(np.float32)  # speckle decorrelation
+    drift = 0.03 * rng.standard_normal((frames, size, size)).astype(np.float32)  # speckle decorrelation
     image = (tissue * (speckle + drift) * (1 - 0.9 * chamber) + 0.6 * wall * speckle) * fan * edge
     tint = np.asarray(ULTRASOUND_TINTS[attrs["colour"]], dtype=np.float32)
     return np.clip(image, 0, 1.2)[..., None] * tint
@@ -151,13 +151,13 @@ def render_mri(attrs: dict, rng: np.random.Generator, frames: int = NUM_FRAMES, 
     airway = np.exp(-((x - airway_x) ** 2) / 0.006) * (y > cy + 0.15)
     t = np.arange(frames, dtype=np.float32)[:, None, None]
     cycles = rng.uniform(0.8, 1.2) if attrs["speed"] == "slow" else rng.uniform(2.3, 2.9)
-    lift = 0.12 * np.sin(2 * np.pi * cycles * t / NUM_FRAMES + rng.uniform(0, 2 * np.pi))  # [T, 1, 1]
+    lift = 0.2 * np.sin(2 * np.pi * cycles * t / NUM_FRAMES + rng.uniform(0, 2 * np.pi))  # [T, 1, 1]
     tongue_x, tongue_y = cx + front * 0.3, cy + 0.42 - lift
     tongue = np.exp(-(((x - tongue_x) / 0.2) ** 2 + ((y - tongue_y) / 0.11) ** 2))  # [T, H, W]
     tissue = 0.32 + 0.1 * _smooth(rng.random((size, size), dtype=np.float32), 2)
     image = inside * (tissue + 0.25 * brain) + 0.55 * skull
     image = image * (1 - 0.85 * airway) + 0.45 * tongue * inside
-    noise = 0.02 * rng.standard_normal((frames, size, size)).astype(np.float32)
+    noise = 0.006 * rng.standard_normal((frames, size, size)).astype(np.float32)
     return np.clip(image + noise, 0, 1.1)[..., None] * np.ones(3, dtype=np.float32)
 
 
@@ -169,16 +169,16 @@ def render_endoscopy(attrs: dict, rng: np.random.Generator, frames: int = NUM_FR
     lx = rng.uniform(-0.25, 0.25) + 0.08 * np.sin(2 * np.pi * t / NUM_FRAMES / 2 + wander)  # [T, 1, 1]
     ly = rng.uniform(-0.25, 0.25) + 0.08 * np.cos(2 * np.pi * t / NUM_FRAMES / 2 + wander)
     r = np.sqrt((x - lx) ** 2 + (y - ly) ** 2)  # [T, H, W]
-    rate = rng.uniform(0.08, 0.12) if attrs["speed"] == "slow" else rng.uniform(0.22, 0.3)
-    phase = 1.6 / (r + 0.25) - 2 * np.pi * rate * t  # fold rings run outwards as the scope moves in
-    folds = 0.75 + 0.25 * np.sin(2 * np.pi * phase / 2.2)
+    rate = rng.uniform(0.04, 0.06) if attrs["speed"] == "slow" else rng.uniform(0.1, 0.13)  # fold cycles per frame
+    phase = 1.6 / (r + 0.25) / 2.2 + rate * t  # in cycles; a crest's radius grows with t: folds run outwards
+    folds = 0.75 + 0.25 * np.sin(2 * np.pi * phase)
     lumen = np.clip((r - 0.1) / 0.35, 0, 1) ** 1.5  # dark centre, lit walls
     vignette = np.clip(1.35 - 0.45 * (x**2 + y**2), 0, 1)
     base = np.asarray(ENDO_COLOURS[attrs["colour"]], dtype=np.float32)
     image = (lumen * folds * vignette)[..., None] * base
     # specular highlights: small white spots riding on the folds
     angles = rng.uniform(0, 2 * np.pi, 4)
-    spot_r = (rng.uniform(0.35, 0.8, 4) + rate * 0.6 * t[..., 0, 0][:, None]) % 1.0 + 0.3  # [T, 4]
+    spot_r = (rng.uniform(0.35, 0.8, 4) + rate * 1.2 * t[..., 0, 0][:, None]) % 1.0 + 0.3  # [T, 4]
     sx = lx[..., 0, 0][:, None] + np.cos(angles) * spot_r
     sy = ly[..., 0, 0][:, None] + np.sin(angles) * spot_r
     gx = np.exp(-((x[0][None, None, :] - sx[:, :, None]) ** 2) / 0.002)  # [T, 4, W]

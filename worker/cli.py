@@ -195,6 +195,7 @@ def train(
     batch_size: Annotated[int, typer.Option()] = 4,
     lr: Annotated[float, typer.Option()] = 1e-5,
     warmup_steps: Annotated[int, typer.Option()] = 0,
+    decay_steps: Annotated[int, typer.Option(help="The last N steps take the lr linearly towards zero")] = 0,
     max_steps: Annotated[int, typer.Option()] = 1000,
     ema_decay: Annotated[float, typer.Option()] = 0.9999,
     grad_clip: Annotated[float, typer.Option()] = 1.0,
@@ -216,8 +217,8 @@ def train(
     config = TrainConfig(
         data=str(data), pipeline=str(pipeline), out=str(out), root=str(root) if root else None,
         from_scratch=from_scratch, prediction=prediction, num_frames=num_frames, frame_interval=frame_interval,
-        height=height, width=width, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_steps=max_steps,
-        grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, checkpoint_every=checkpoint_every,
+        height=height, width=width, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        decay_steps=decay_steps, max_steps=max_steps, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, checkpoint_every=checkpoint_every,
         sample_every=sample_every, sample_prompts=list(sample_prompt or []), cache_latents=cache_latents,
         device=device,
     )

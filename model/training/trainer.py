@@ -59,6 +59,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-5
     warmup_steps: int = 0
+    decay_steps: int = 0  # the last N steps take the lr linearly towards zero (0: constant after warm-up)
     max_steps: int = 1000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -193,6 +194,9 @@ class Trainer:
     def _lr(self, step: int) -> float:
         if self.config.warmup_steps and step < self.config.warmup_steps:
             return self.config.lr * (step + 1) / self.config.warmup_steps
+        left = self.config.max_steps - step
+        if self.config.decay_steps and left <= self.config.decay_steps:
+            return self.config.lr * left / self.config.decay_steps
         return self.config.lr
 
     def train_step(self) -> dict[str, float]:
