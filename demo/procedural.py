@@ -13,6 +13,10 @@ words. What tells the domains apart, on purpose for a small model:
 - endoscopy: pink/red/orange mucosa tunnel around a dark lumen, folds (rings) moving outwards as the scope
   moves forward, specular highlights.
 
+Per-frame pixel noise is kept small, so a clip's frame differences are its motion (what `bora eval` compares
+as temporal energy) rather than sensor noise that any VAE smooths away: with 2% noise, an MRI clip's frame
+differences were 80% noise, and real clips through the demo VAE kept only 38% of them.
+
 These are synthetic pictures for a demo, not medical images.
 """
 

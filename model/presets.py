@@ -88,7 +88,7 @@ DEMO_STDIT = dict(
 )
 DEMO_DEFAULTS = GenerationDefaults(
     num_frames=16, height=64, width=64, fps=8, num_inference_steps=15, guidance_scale=4.0, cfg_channel=None,
-    sampler="dpm-solver++", attention_broadcast=(2, 3, 5),  # picked by bench/sampler_quality.py (README: Speed)
+    sampler="dpm-solver++",  # picked by bench/sampler_quality.py (README: Speed)
 )
 
 PRESETS = {"bora": BORA_DEFAULTS, "tiny": TINY_DEFAULTS, "demo": DEMO_DEFAULTS}
