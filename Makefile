@@ -35,7 +35,8 @@ run: install
 	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_PRESET=$(BORA_MODEL_PRESET) BORA_MODEL_DIR=$(BORA_MODEL_DIR) \
 		BORA_AUTH=$(BORA_AUTH) OMP_WAIT_POLICY=PASSIVE $(BIN)/bora serve
 
-# Retrain the shipped demo model from nothing (seeded; 35 min on 2 CPU cores, measured).
+# Retrain the shipped demo model from nothing (seeded; 99 min measured on a slow 2-core machine, ~48 min projected
+# from the previous machine's stage rates: README, Demo model).
 demo-model: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/bora build-demo --out demo/weights/bora-demo --work $(BORA_DATA_DIR)/demo-build \
 		2> demo/weights/training.log
