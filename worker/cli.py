@@ -218,7 +218,8 @@ def train(
         data=str(data), pipeline=str(pipeline), out=str(out), root=str(root) if root else None,
         from_scratch=from_scratch, prediction=prediction, num_frames=num_frames, frame_interval=frame_interval,
         height=height, width=width, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-        decay_steps=decay_steps, max_steps=max_steps, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, checkpoint_every=checkpoint_every,
+        decay_steps=decay_steps, max_steps=max_steps, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
+        checkpoint_every=checkpoint_every,
         sample_every=sample_every, sample_prompts=list(sample_prompt or []), cache_latents=cache_latents,
         device=device,
     )

@@ -149,7 +149,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path, clips_csv, tiny_model_dir):
     assert fixed_batch_loss(trainer, batch) < 0.8 * before
 
 
-def test_lr_warms_up_holds_and_decays_to_zero(tmp_path, clips_csv, tiny_model_dir):
+def test_lr_warms_up_holds_then_decays_towards_zero(tmp_path, clips_csv, tiny_model_dir):
     rates: list[float] = []
     Trainer(config(clips_csv, tiny_model_dir, tmp_path / "out", lr=1e-3, warmup_steps=2, decay_steps=3, max_steps=7),
             on_step=lambda r: rates.append(r.lr)).run()
