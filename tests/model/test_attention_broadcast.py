@@ -78,3 +78,17 @@ def test_broadcast_and_compiled_steps_exclude_each_other(pipe):
         pipe.disable_attention_broadcast()
     with pytest.raises(ValueError, match="spatial_every"):
         AttentionBroadcastConfig(spatial_every=0)
+
+
+def test_a_folder_can_default_to_broadcast(pipe, tmp_path):
+    """The per-model default lives in the folder's scheduler config and is switched on at load."""
+    import dataclasses
+
+    saved = BoraPipeline(pipe.transformer, pipe.text_encoder, pipe.vae,
+                         dataclasses.replace(pipe.defaults, attention_broadcast=(2, 3, 5)), name=pipe.name)
+    saved.save_pretrained(tmp_path / "pab")
+    saved.disable_attention_broadcast()  # the transformer is the module's shared one
+    loaded = BoraPipeline.from_pretrained(tmp_path / "pab", device="cpu")
+    assert loaded.defaults.attention_broadcast == (2, 3, 5)
+    config = loaded.transformer.attention_broadcast.config
+    assert (config.spatial_every, config.temporal_every, config.cross_every) == (2, 3, 5)
