@@ -35,10 +35,11 @@ run: install
 	BORA_DATA_DIR=$(BORA_DATA_DIR) BORA_MODEL_PRESET=$(BORA_MODEL_PRESET) BORA_MODEL_DIR=$(BORA_MODEL_DIR) \
 		BORA_AUTH=$(BORA_AUTH) OMP_WAIT_POLICY=PASSIVE $(BIN)/bora serve
 
-# Retrain the shipped demo model from nothing (seeded; 99 min measured on a slow 2-core machine, ~48 min projected
-# from the previous machine's stage rates: README, Demo model).
+# Retrain the shipped demo model from nothing (seeded; 49 min on 2 cores: README, Demo model). It runs alone, so
+# OpenMP's default spin-wait stays on: with PASSIVE a training step took 0.61 s instead of 0.48 (57 min in all),
+# the thousands of small ops per step each waking sleeping threads; the weights are the same bit for bit.
 demo-model: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/bora build-demo --out demo/weights/bora-demo --work $(BORA_DATA_DIR)/demo-build \
+	$(BIN)/bora build-demo --out demo/weights/bora-demo --work $(BORA_DATA_DIR)/demo-build \
 		2> demo/weights/training.log
 
 # Everything but the stages below (pyproject's addopts leave out the `slow`, `chaos` and `images` markers).
